@@ -1,0 +1,179 @@
+"""Every difference between the supported torch releases (2.11 to 2.14) lives here.
+
+The rest of fxfuse imports Inductor internals only through this module, so a torch
+upgrade that moves or renames something breaks in one place. Branches test for the
+feature (a parameter, an attribute) rather than the version string where they can,
+because nightlies and vendor builds carry version strings that lie.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch._inductor import pattern_matcher as _pm
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
+SUPPORTED = ((2, 11), (2, 14))
+
+# Re-exported pattern-matcher vocabulary, so that other modules never import Inductor.
+PatternExpr = _pm.PatternExpr
+CallFunction = _pm.CallFunction
+KeywordArg = _pm.KeywordArg
+Ignored = _pm.Ignored
+Match = _pm.Match
+MultiOutputPattern = _pm.MultiOutputPattern
+PatternEntry = _pm.PatternEntry
+PatternMatcherPass = _pm.PatternMatcherPass
+FailedMatch = _pm.FailedMatch
+is_match = _pm.is_match
+fx_to_pattern = _pm.fx_to_pattern
+stable_topological_sort = _pm.stable_topological_sort
+
+try:  # the mutation-barrier bookkeeping moved between releases
+    _region_id = _pm.get_mutation_region_id
+    _compute_regions = _pm.compute_mutation_region_ids
+    _should_compute_regions = _pm.should_compute_mutation_region_ids
+except AttributeError:  # pragma: no cover - older layout
+    _region_id = _compute_regions = _should_compute_regions = None  # type: ignore[assignment]
+
+
+def check_torch_version() -> None:
+    """Raise a clear ImportError on a torch outside the supported range."""
+    lo, hi = SUPPORTED
+    if not (lo <= TORCH_VERSION <= hi):
+        raise ImportError(
+            f"fxfuse supports torch {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}; found torch {torch.__version__}"
+        )
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+@functools.cache
+def _fwd_only_params() -> frozenset[str]:
+    return frozenset(inspect.signature(_pm.fwd_only).parameters)
+
+
+def trace_forward(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
+    """Trace ``fn`` into the normalized aten graph Inductor's pattern matcher expects.
+
+    2.12 changed the ``trace_fn`` signature (``get_decomp_fn`` became a keyword with a
+    default, before that fwd_only took none); we pass only what this release accepts.
+    Bound methods are wrapped because 2.11's tracer inspects ``fn.__code__`` argument
+    names and counts ``self`` among them.
+    """
+    if inspect.ismethod(fn):
+        bound = fn
+
+        def fn(*a: Any) -> Any:  # noqa: F811 - deliberate rebinding
+            return bound(*a)
+
+    kwargs: dict[str, Any] = {}
+    if "run_functional_passes" in _fwd_only_params():
+        kwargs["run_functional_passes"] = True
+    return _pm.fwd_only(fn, list(args), **kwargs)
+
+
+def fake_mode() -> FakeTensorMode:
+    """A fresh fake-tensor mode that lets CPU-traced patterns carry any device."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def trace_functional(fn: Callable[..., Any], args: Sequence[Any], *, v2: bool) -> torch.fx.GraphModule:
+    """Trace ``fn`` as Inductor's post-grad graph would hold it: functionalized.
+
+    A mutating custom op called as the user calls it comes out as
+    ``auto_functionalized`` (``v2=False``) or ``auto_functionalized_v2`` (``v2=True``),
+    the two forms Inductor produces depending on ``enable_auto_functionalized_v2``.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.fx_passes.post_grad import remove_noop_ops
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with inductor_config.patch(enable_auto_functionalized_v2=v2), torch.no_grad():
+        from torch._dispatch.python import enable_python_dispatcher
+        from torch.fx.traceback import preserve_node_meta
+
+        with enable_python_dispatcher(), preserve_node_meta():
+            gm = make_fx(dispatch_functionalize(fn), select_decomp_table(), tracing_mode="real")(*args)
+    remove_noop_ops(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def replace_with_graph(
+    match: Match, graph: torch.fx.Graph, replacement: torch.fx.GraphModule, args: Sequence[Any]
+) -> None:
+    """Splice ``replacement`` into ``graph`` in place of ``match``."""
+    fn = _pm.ReplacementPatternEntry.replace_with_graph
+    if "pass_name" in inspect.signature(fn).parameters:
+        fn(match, graph, replacement, list(args), pass_name="fxfuse")
+    else:  # pragma: no cover - older signature
+        fn(match, graph, replacement, list(args))
+
+
+def mutation_region_ids(graph: torch.fx.Graph) -> Callable[[torch.fx.Node], int]:
+    """A function node -> mutation region; a match must not cross a region boundary."""
+    if _region_id is None:  # pragma: no cover
+        return lambda node: 0
+    if _should_compute_regions(graph):
+        _compute_regions(graph)
+    return functools.partial(_region_id, graph)
+
+
+# --------------------------------------------------------------------------- auto_functionalized
+
+
+def auto_functionalized_ops() -> dict[str, Any]:
+    """The higher-order ops that wrap a mutating custom op in a functional graph."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+
+    return {"v1": auto_functionalized, "v2": auto_functionalized_v2}
+
+
+# --------------------------------------------------------------------------- Inductor config
+
+
+def custom_post_pass_key() -> str:
+    return "post_grad_custom_post_pass"
+
+
+def current_custom_post_pass() -> Any:
+    """The post-grad custom pass installed in global Inductor config, if any."""
+    return getattr(torch._inductor.config, custom_post_pass_key(), None)
+
+
+def accepts_pass_lists() -> bool:
+    """Since 2.13 Inductor accepts a list of custom passes; before, exactly one."""
+    from torch._inductor import custom_graph_pass
+
+    return hasattr(custom_graph_pass, "get_custom_graph_passes")
+
+
+def custom_graph_pass_base() -> type:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+# --------------------------------------------------------------------------- counters
+
+
+def inductor_counters() -> Counter:
+    """Inductor's counter table; FX-graph-cache hits replay its per-compile deltas.
+
+    That replay (``counters["inductor"] += graph.counter_deltas`` on a hit) is what
+    lets fxfuse report matches for graphs whose passes never ran in this process.
+    """
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]

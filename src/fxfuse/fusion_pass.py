@@ -1,0 +1,166 @@
+"""`FusionPass`: a named set of rewrites applied to a post-grad FX graph."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+from . import compat, match_table
+from .cache_key import canonicalization_key, digest, framework_digest, rewrite_key
+from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize
+from .rewrite import Rewrite, RewriteError
+from .tracing import TracedRewrite, Variant, _Skip, output_metas, tensor_meta
+
+log = logging.getLogger("fxfuse")
+
+
+class FusionWarning(UserWarning):
+    """A match whose replacement failed; the graph was left as it was."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A replacement that could not be made, and why."""
+
+    pass_name: str
+    rewrite: str
+    node: str
+    error: str
+
+
+class _Entry(compat.PatternEntry):
+    """One search pattern in Inductor's matcher; prepares in `extra_check`, splices in `apply`."""
+
+    def __init__(self, owner: FusionPass, traced: TracedRewrite, variant: Variant) -> None:
+        self.owner, self.traced, self.variant = owner, traced, variant
+        self.pattern = variant.pattern
+        self.extra_check = self.prepare
+
+    def evaluate(self, match: compat.Match) -> str | None:
+        """None when the match should be replaced, else the reason it should not.
+
+        On success the traced replacement is stored on the match, so all fallible work
+        happens here, before the graph is touched.
+        """
+        traced, rewrite = self.traced, self.traced.rewrite
+        try:
+            values = traced.bound_values(match)
+            if self.variant.needs_verification:
+                traced.verify(self.variant, match, values)
+            if not rewrite.check(match):
+                return f"{rewrite.name}.check() returned False"
+            repl = traced.trace_with(rewrite.replacement, values, v2=self.variant.v2, what="replacement")
+            want = [tensor_meta(n) for n in match.output_nodes()]
+            got = output_metas(repl)
+            if want != got:
+                raise RewriteError(f"replacement outputs {got} differ from the matched outputs {want}")
+        except _Skip as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - a failing replacement is reported, never fatal
+            self.owner._fail(rewrite.name, match, e)
+            return f"replacement failed: {type(e).__name__}: {e}"
+        match.replacement_graph = repl
+        return None
+
+    def prepare(self, match: compat.Match) -> bool:
+        return self.evaluate(match) is None
+
+    def apply(self, match: compat.Match, graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+        args = [match.kwargs[a.name] for a in self.traced.args]
+        try:
+            compat.replace_with_graph(match, graph, match.replacement_graph, args)
+        except Exception as e:  # noqa: BLE001
+            self.owner._fail(self.traced.name, match, e)
+            return
+        self.owner._count(self.traced.name)
+
+
+class FusionPass:
+    """A named set of rewrites; calling it on a graph applies them and counts the matches.
+
+    Example:
+        >>> fma = fxfuse.FusionPass("fma_fusion", [MulAddToFma()])
+        >>> fma(gm.graph)          # number of replacements made
+        1
+        >>> fma.uuid()             # the cache key Inductor sees
+        '3f1c...'
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rewrites: Iterable[Rewrite] = (),
+        *,
+        canonicalize: Iterable[Canonicalization] = DEFAULT_CANONICALIZATIONS,
+    ) -> None:
+        if not isinstance(name, str) or not name or "|" in name:
+            raise RewriteError(f"a FusionPass needs a non-empty name without '|', got {name!r}")
+        self.name = name
+        self.rewrites: list[Rewrite] = []
+        self.canonicalizations = tuple(canonicalize)
+        self.failures: list[Failure] = []
+        self.last_counts: dict[str, int] = {}
+        self._traced: list[TracedRewrite] = []
+        self._keys: list[str] = []
+        self._matcher = compat.PatternMatcherPass(pass_name=f"fxfuse:{name}")
+        self._canon_key = canonicalization_key(self.canonicalizations)
+        for rewrite in rewrites:
+            self.register(rewrite)
+
+    def register(self, rewrite: Rewrite) -> None:
+        """Trace ``rewrite`` once into its search patterns; raises `RewriteError` if it cannot.
+
+        Example:
+            >>> p = fxfuse.FusionPass("mine"); p.register(MulAddToFma())
+        """
+        if not isinstance(rewrite, Rewrite):
+            raise RewriteError(f"pass {self.name}: {rewrite!r} is not an fxfuse.Rewrite")
+        if any(r.name == rewrite.name for r in self.rewrites):
+            raise RewriteError(f"pass {self.name}: a rewrite named {rewrite.name} is registered already")
+        key = rewrite_key(rewrite)
+        traced = TracedRewrite(rewrite, self.canonicalizations)
+        for variant in traced.variants:
+            _Entry(self, traced, variant).register(self._matcher)
+        self.rewrites.append(rewrite)
+        self._traced.append(traced)
+        self._keys.append(key)
+
+    @property
+    def traced(self) -> list[TracedRewrite]:
+        return list(self._traced)
+
+    def __call__(self, graph: torch.fx.Graph | torch.fx.GraphModule) -> int:
+        """Apply the rewrites to ``graph`` in place; returns the number of replacements."""
+        if isinstance(graph, torch.fx.GraphModule):
+            graph = graph.graph
+        if graph.owning_module is None:
+            raise TypeError(f"pass {self.name}: the graph must belong to a GraphModule")
+        self.last_counts = {}
+        canonicalize(graph, self.canonicalizations)
+        self._matcher.apply(graph)
+        for rewrite, n in self.last_counts.items():
+            match_table.record(self.name, rewrite, n)
+        return sum(self.last_counts.values())
+
+    def uuid(self) -> str:
+        """The cache key: equal across processes that build the same pass, different otherwise."""
+        return digest([framework_digest(), type(self).__qualname__, self.name, self._canon_key, *self._keys])
+
+    def _count(self, rewrite: str) -> None:
+        self.last_counts[rewrite] = self.last_counts.get(rewrite, 0) + 1
+
+    def _fail(self, rewrite: str, match: compat.Match, error: BaseException) -> None:
+        node = match.output_nodes()[0]
+        failure = Failure(self.name, rewrite, node.name if node is not None else "?", f"{type(error).__name__}: {error}")
+        self.failures.append(failure)
+        msg = f"fxfuse: {self.name}/{rewrite} left the match at {failure.node} unreplaced: {failure.error}"
+        log.warning(msg)
+        warnings.warn(msg, FusionWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        return f"FusionPass({self.name!r}, {[r.name for r in self.rewrites]})"

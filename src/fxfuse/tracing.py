@@ -1,0 +1,332 @@
+"""Turn a `Rewrite` into search patterns, once, at registration.
+
+The pattern function is traced on fake tensors into the aten graph Inductor's
+post-grad stage holds, canonicalized, and converted into a pattern expression in
+which each argument is a variable:
+
+* tensors are placeholders;
+* ``str`` and ``float`` wildcards are traced with unique sentinel values and every
+  occurrence of the sentinel becomes the variable (Inductor would bake the sample in
+  as a literal);
+* ``int`` and ``bool`` wildcards cannot have sentinels (they feed shapes), so every
+  literal equal to the sample becomes the variable, and the match is then verified by
+  re-tracing the pattern with the bound values (`TracedRewrite.verify`);
+* shape lists of view-like ops are ignored while searching (the token count differs
+  between the pattern and every real graph) and verified the same way.
+
+A pattern holding a mutating custom op yields two variants, one per functional form
+(``auto_functionalized`` and ``auto_functionalized_v2``), so it matches whichever the
+post-grad graph holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from . import compat
+from .canonicalize import Canonicalization, canonicalize
+from .rewrite import Rewrite, RewriteError, TensorSpec
+
+aten = torch.ops.aten
+_SHAPE_OPS = frozenset({aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default})
+_SCALAR_KINDS = (bool, int, float, str)
+
+
+@dataclasses.dataclass(frozen=True)
+class Argument:
+    """One argument of a rewrite: a tensor variable or a typed wildcard."""
+
+    name: str
+    kind: type  # torch.Tensor, or one of _SCALAR_KINDS
+    sample: Any  # TensorSpec for tensors, the sample value for wildcards
+    sentinel: Any = None  # the traced stand-in of a str/float wildcard
+
+
+@dataclasses.dataclass
+class Variant:
+    """One search pattern of a rewrite, for one functional form of its graph."""
+
+    form: str  # "functional", "v1" or "v2"
+    pattern: compat.PatternExpr
+    graph: torch.fx.GraphModule  # the traced, canonicalized pattern graph
+    needs_verification: bool
+
+    @property
+    def v2(self) -> bool:
+        return self.form == "v2"
+
+
+def _float_sentinel(i: int) -> float:
+    # A value no model would write as a constant, distinct per argument.
+    return 1.0e-7 * (7919 + 104729 * i) + 3.0517578125e-13
+
+
+def _arguments(rewrite: Rewrite) -> list[Argument]:
+    name = rewrite.name
+    try:
+        examples = rewrite.example_inputs()
+    except Exception as e:  # noqa: BLE001 - any failure here is the user's to fix
+        raise RewriteError(f"rewrite {name}: example_inputs() raised {type(e).__name__}: {e}") from e
+    if not isinstance(examples, (list, tuple)):
+        raise RewriteError(f"rewrite {name}: example_inputs() must return a list, got {type(examples).__name__}")
+
+    params = list(inspect.signature(rewrite.pattern).parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise RewriteError(f"rewrite {name}: pattern() must name each argument (no *args/**kwargs)")
+    n_repl = len(inspect.signature(rewrite.replacement).parameters)
+    if len(params) != len(examples):
+        raise RewriteError(
+            f"rewrite {name}: pattern() takes {len(params)} arguments "
+            f"({', '.join(p.name for p in params)}) but example_inputs() gives {len(examples)}"
+        )
+    if n_repl != len(examples):
+        raise RewriteError(
+            f"rewrite {name}: replacement() takes {n_repl} arguments but example_inputs() gives {len(examples)}"
+        )
+
+    args: list[Argument] = []
+    for i, (p, ex) in enumerate(zip(params, examples)):
+        if isinstance(ex, torch.Tensor):
+            ex = TensorSpec(tuple(ex.shape), ex.dtype, ex.device)
+        if isinstance(ex, TensorSpec):
+            args.append(Argument(p.name, torch.Tensor, ex))
+        elif type(ex) is str:
+            args.append(Argument(p.name, str, ex, sentinel=f"__fxfuse_wildcard_{p.name}__"))
+        elif type(ex) is float:
+            args.append(Argument(p.name, float, ex, sentinel=_float_sentinel(i)))
+        elif type(ex) in (int, bool):
+            args.append(Argument(p.name, type(ex), ex))
+        else:
+            raise RewriteError(
+                f"rewrite {name}: example input {i} ({p.name}) is a {type(ex).__name__}; "
+                "use a TensorSpec or tensor, or a float, int, bool or str wildcard"
+            )
+    ints = [a for a in args if a.kind in (int, bool)]
+    for a in ints:
+        twins = [b.name for b in ints if b is not a and b.sample == a.sample]
+        if twins:
+            raise RewriteError(
+                f"rewrite {name}: wildcards {a.name} and {', '.join(twins)} share the sample value "
+                f"{a.sample!r}; give each int/bool wildcard a distinct sample so they can be told apart"
+            )
+    return args
+
+
+class _ToPattern:
+    """Converts a traced graph into a pattern expression, applying the wildcard rules."""
+
+    def __init__(self, args: Sequence[Argument], *, int_wildcards: bool) -> None:
+        self.args = args
+        self.int_wildcards = int_wildcards
+        self.by_sentinel = {(type(a.sentinel), a.sentinel): a.name for a in args if a.sentinel is not None}
+        self.by_sample = {(a.kind, a.sample): a.name for a in args if a.kind in (int, bool)}
+        self.ignored_shapes = False
+        self.used: set[str] = set()
+
+    def leaf(self, x: Any, target: Any) -> Any:
+        if isinstance(x, (list, tuple)):
+            if target in _SHAPE_OPS and all(type(v) is int for v in x):
+                self.ignored_shapes = True
+                return compat.Ignored()
+            return type(x)(self.leaf(v, target) for v in x)
+        key = (type(x), x)
+        if key in self.by_sentinel:
+            self.used.add(self.by_sentinel[key])
+            return compat.KeywordArg(self.by_sentinel[key])
+        if self.int_wildcards and target is not operator.getitem and key in self.by_sample:
+            self.used.add(self.by_sample[key])
+            return compat.KeywordArg(self.by_sample[key])
+        return x
+
+    def convert(self, gm: torch.fx.GraphModule) -> compat.PatternExpr:
+        env: dict[torch.fx.Node, Any] = {}
+        placeholders = iter(self.args)
+        out: Any = None
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                arg = next(placeholders)
+                env[node] = compat.KeywordArg(arg.name)
+                self.used.add(arg.name)
+            elif node.op == "call_function":
+                conv = lambda v, t=node.target: env[v] if isinstance(v, torch.fx.Node) else self.leaf(v, t)  # noqa: E731
+                args = tuple(_map(conv, a) for a in node.args)
+                kwargs = {k: _map(conv, v) for k, v in node.kwargs.items()}
+                expr = compat.CallFunction(node.target, *args, _users=len(node.users), **kwargs)
+                env[node] = expr
+            elif node.op == "output":
+                out = node.args[0]
+            else:
+                raise RewriteError(f"unsupported node {node.format_node()} in traced pattern")
+        outs = [env[o] if isinstance(o, torch.fx.Node) else o for o in _flatten(out)]
+        for o in outs:
+            if not isinstance(o, compat.PatternExpr) or isinstance(o, compat.KeywordArg):
+                raise RewriteError("every output of a pattern must be computed by an op, not be an input or constant")
+        return outs[0] if len(outs) == 1 else compat.MultiOutputPattern(outs)
+
+
+def _map(fn: Callable[[Any], Any], v: Any) -> Any:
+    if isinstance(v, (list, tuple)) and any(isinstance(x, torch.fx.Node) for x in v):
+        return type(v)(fn(x) for x in v)
+    return fn(v)
+
+
+def _flatten(out: Any) -> list[Any]:
+    if isinstance(out, (list, tuple)):
+        return [y for x in out for y in _flatten(x)]
+    return [out]
+
+
+def _has_auto_functionalized(gm: torch.fx.GraphModule) -> bool:
+    hops = tuple(compat.auto_functionalized_ops().values())
+    return any(n.target in hops for n in gm.graph.nodes)
+
+
+def output_metas(gm: torch.fx.GraphModule) -> list[tuple[tuple[int, ...], torch.dtype] | None]:
+    """Shape and dtype of each output of a traced graph (None for non-tensor outputs)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return [tensor_meta(o) for o in _flatten(out.args[0])]
+
+
+def tensor_meta(o: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+    val = o.meta.get("val") if isinstance(o, torch.fx.Node) else o
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(_hint(s) for s in val.shape), val.dtype
+
+
+def _hint(s: Any) -> int:
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        return int(hint) if hint is not None else -1
+    return int(s)
+
+
+class TracedRewrite:
+    """A rewrite traced into its search patterns; built once by `FusionPass.register`."""
+
+    def __init__(self, rewrite: Rewrite, canonicalizations: tuple[Canonicalization, ...]) -> None:
+        self.rewrite = rewrite
+        self.name = rewrite.name
+        self.canonicalizations = canonicalizations
+        self.args = _arguments(rewrite)
+        self.variants = self._trace_variants()
+        self._check_replacement()
+
+    # -- registration -------------------------------------------------------------
+
+    def _trace(
+        self, fn: Callable[..., Any], values: Sequence[Any], *, v2: bool, what: str, mode: Any = None
+    ) -> torch.fx.GraphModule:
+        with mode if mode is not None else compat.fake_mode():
+            args = [_fresh(v) for v in values]
+            try:
+                gm = compat.trace_functional(fn, args, v2=v2)
+            except RewriteError:
+                raise
+            except Exception as e:  # noqa: BLE001 - report whatever the user's code raised
+                raise RewriteError(
+                    f"rewrite {self.name}: {what}() failed to trace: {type(e).__name__}: {e}"
+                ) from e
+        canonicalize(gm.graph, self.canonicalizations)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+
+    def _trace_values(self) -> list[Any]:
+        return [a.sample if a.sentinel is None else a.sentinel for a in self.args]
+
+    def _trace_variants(self) -> list[Variant]:
+        values = self._trace_values()
+        gm = self._trace(self.rewrite.pattern, values, v2=True, what="pattern")
+        if not _has_auto_functionalized(gm):
+            return [self._variant("functional", gm)]
+        gm_v1 = self._trace(self.rewrite.pattern, values, v2=False, what="pattern")
+        return [self._variant("v2", gm), self._variant("v1", gm_v1)]
+
+    def _variant(self, form: str, gm: torch.fx.GraphModule) -> Variant:
+        conv = _ToPattern(self.args, int_wildcards=True)
+        pattern = conv.convert(gm)
+        unused = [a.name for a in self.args if a.name not in conv.used]
+        if unused:
+            raise RewriteError(
+                f"rewrite {self.name}: argument(s) {', '.join(unused)} do not appear as-is in the traced "
+                "pattern; a wildcard must be passed to an op unchanged (derive sizes from tensor shapes, "
+                "or write exact values as constants in the pattern body)"
+            )
+        needs = conv.ignored_shapes or any(a.kind in (int, bool) for a in self.args)
+        return Variant(form, pattern, gm, needs)
+
+    def _check_replacement(self) -> None:
+        values = self._trace_values()
+        for variant in self.variants:
+            repl = self._trace(self.rewrite.replacement, values, v2=variant.v2, what="replacement")
+            want, got = output_metas(variant.graph), output_metas(repl)
+            if len(want) != len(got):
+                raise RewriteError(
+                    f"rewrite {self.name}: replacement() returns {len(got)} output(s) but pattern() returns {len(want)}"
+                )
+            for i, (w, g) in enumerate(zip(want, got)):
+                if w != g:
+                    raise RewriteError(
+                        f"rewrite {self.name}: output {i} of replacement() is {_fmt(g)} but pattern() gives {_fmt(w)}"
+                    )
+
+    # -- matching -----------------------------------------------------------------
+
+    def bound_values(self, match: compat.Match) -> list[Any]:
+        """The matched value of each argument: fake tensors for tensors, literals for wildcards."""
+        values = []
+        for a in self.args:
+            v = match.kwargs[a.name]
+            if isinstance(v, torch.fx.Node):
+                v = v.meta.get("val")
+                if not isinstance(v, torch.Tensor):
+                    raise _Skip(f"argument {a.name} has no tensor metadata in the graph")
+            elif a.kind is not torch.Tensor and type(v) is not a.kind and not (a.kind is float and type(v) is int):
+                raise _Skip(f"wildcard {a.name} bound to {v!r}, expected a {a.kind.__name__}")
+            values.append(v)
+        return values
+
+    def trace_with(self, fn: Callable[..., Any], values: Sequence[Any], *, v2: bool, what: str) -> torch.fx.GraphModule:
+        """Trace ``fn`` on fresh tensors like the matched values, in the graph's own fake mode."""
+        from torch._guards import detect_fake_mode
+
+        return self._trace(fn, values, v2=v2, what=what, mode=detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)]))
+
+    def verify(self, variant: Variant, match: compat.Match, values: Sequence[Any]) -> None:
+        """Re-trace the pattern with the bound values; its outputs must be the matched ones."""
+        specific = self.trace_with(self.rewrite.pattern, values, v2=variant.v2, what="pattern")
+        want = [tensor_meta(n) for n in match.output_nodes()]
+        got = output_metas(specific)
+        if want != got:
+            raise _Skip(f"pattern re-traced with the matched values gives {got}, the graph holds {want}")
+        exact = _ToPattern(self.args, int_wildcards=False).convert(specific)
+        result = exact.match(match.output_nodes()[0])
+        if not compat.is_match(result):
+            raise _Skip(f"pattern re-traced with the matched values does not match: {result}")
+
+
+def _fresh(v: Any) -> Any:
+    """A new tensor shaped like ``v`` (in the ambient fake mode), or ``v`` itself if no tensor."""
+    if isinstance(v, TensorSpec):
+        return v.materialize()
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(v.size(), v.stride(), dtype=v.dtype, device=v.device)
+    return v
+
+
+class _Skip(Exception):
+    """A candidate match that turned out not to be one; the message says why."""
+
+
+def _fmt(meta: Any) -> str:
+    if meta is None:
+        return "not a tensor"
+    shape, dtype = meta
+    return f"{str(dtype).replace('torch.', '')}{list(shape)}"
