@@ -97,5 +97,11 @@ def rewrite_key(rewrite: Rewrite) -> str:
     return digest([cls.__module__, cls.__qualname__, rewrite.name, _source(cls, where), _module_source(cls, where), repr(sorted(params.items()))])
 
 
+def class_key(cls: type) -> str:
+    """A class's name, source and defining module's source (for subclassed passes)."""
+    where = f"class {cls.__qualname__}"
+    return digest([cls.__module__, cls.__qualname__, _source(cls, where), _module_source(cls, where)])
+
+
 def canonicalization_key(fns: Iterable[Any]) -> str:
     return digest(f"{f.__module__}.{f.__qualname__}:{_source(f, 'canonicalization')}" for f in fns)

@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from . import compat, match_table
-from .cache_key import canonicalization_key, digest, framework_digest, rewrite_key
+from .cache_key import canonicalization_key, class_key, digest, framework_digest, rewrite_key
 from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize
 from .rewrite import Rewrite, RewriteError
 from .tracing import TracedRewrite, Variant, _Skip, output_metas, tensor_meta
@@ -149,7 +149,7 @@ class FusionPass:
 
     def uuid(self) -> str:
         """The cache key: equal across processes that build the same pass, different otherwise."""
-        return digest([framework_digest(), type(self).__qualname__, self.name, self._canon_key, *self._keys])
+        return digest([framework_digest(), class_key(type(self)), self.name, self._canon_key, *self._keys])
 
     def _count(self, rewrite: str) -> None:
         self.last_counts[rewrite] = self.last_counts.get(rewrite, 0) + 1

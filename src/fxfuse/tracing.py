@@ -152,7 +152,8 @@ class _ToPattern:
             if node.op == "placeholder":
                 arg = next(placeholders)
                 env[node] = compat.KeywordArg(arg.name)
-                self.used.add(arg.name)
+                if arg.kind is torch.Tensor:  # scalars are traced in as literals instead
+                    self.used.add(arg.name)
             elif node.op == "call_function":
                 conv = lambda v, t=node.target: env[v] if isinstance(v, torch.fx.Node) else self.leaf(v, t)  # noqa: E731
                 args = tuple(_map(conv, a) for a in node.args)

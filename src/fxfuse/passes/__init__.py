@@ -1,0 +1,49 @@
+"""The built-in passes, in the order DESIGN §3 gives them, switched by `FusionConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ..fusion_pass import FusionPass
+from .act_quant import act_quant_fusion
+from .noop_elimination import NoopElimination
+from .rms_quant import rms_quant_fusion
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+    """Which built-in passes `default_passes` returns.
+
+    Example:
+        >>> fxfuse.default_passes(fxfuse.FusionConfig(act_quant=False))
+    """
+
+    noop_elimination: bool = True
+    rms_quant: bool = True
+    act_quant: bool = True
+
+
+# Pipeline order matters: noop elimination exposes producer/consumer pairs to the
+# fusions. attn_quant_fusion slots in after act_quant, allreduce_rms_fusion last.
+_PIPELINE: tuple[tuple[str, Callable[[], FusionPass]], ...] = (
+    ("noop_elimination", NoopElimination),
+    ("rms_quant", rms_quant_fusion),
+    ("act_quant", act_quant_fusion),
+)
+
+
+def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
+    """The built-in passes enabled by ``config`` (all by default), in pipeline order.
+
+    Example:
+        >>> [p.name for p in fxfuse.default_passes()]
+        ['noop_elimination', 'rms_quant_fusion', 'act_quant_fusion']
+    """
+    config = config or FusionConfig()
+    if not isinstance(config, FusionConfig):
+        raise TypeError(f"default_passes takes a FusionConfig, got {type(config).__name__}")
+    return [build() for flag, build in _PIPELINE if getattr(config, flag)]
+
+
+__all__ = ["FusionConfig", "default_passes", "NoopElimination", "rms_quant_fusion", "act_quant_fusion"]

@@ -1,0 +1,36 @@
+"""``act_quant_fusion``: SiLU-and-mul, then FP8 quant."""
+
+from __future__ import annotations
+
+import torch
+
+from ..fusion_pass import FusionPass
+from ..rewrite import Rewrite
+from ._common import activation, is_fp32_scalar, same_model_dtype, scale, val
+
+fx = torch.ops.fxfuse
+
+
+class SiluMulStaticFp8Quant(Rewrite):
+    """fp8(silu(x[:, :d]) * x[:, d:] / s)  ->  silu_and_mul_static_fp8_quant"""
+
+    def pattern(self, x, s):
+        return fx.static_scaled_fp8_quant(fx.silu_and_mul(x), s)
+
+    def replacement(self, x, s):
+        return fx.silu_and_mul_static_fp8_quant(x, s)
+
+    def example_inputs(self):
+        return [activation(width=128), scale()]
+
+    def check(self, match):
+        return same_model_dtype(val(match, "x")) and is_fp32_scalar(val(match, "s"))
+
+
+def act_quant_fusion() -> FusionPass:
+    """The ``act_quant_fusion`` pass.
+
+    Example:
+        >>> p = act_quant_fusion(); p(gm.graph)
+    """
+    return FusionPass("act_quant_fusion", [SiluMulStaticFp8Quant()])
