@@ -10,7 +10,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from . import compat, match_table
+from . import compat
+from .match_table import record
 from .cache_key import canonicalization_key, class_key, digest, framework_digest, rewrite_key
 from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize
 from .rewrite import Rewrite, RewriteError
@@ -144,7 +145,7 @@ class FusionPass:
         canonicalize(graph, self.canonicalizations)
         self._matcher.apply(graph)
         for rewrite, n in self.last_counts.items():
-            match_table.record(self.name, rewrite, n)
+            record(self.name, rewrite, n)
         return sum(self.last_counts.values())
 
     def uuid(self) -> str:

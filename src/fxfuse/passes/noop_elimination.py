@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .. import match_table
+from ..match_table import record
 from ..fusion_pass import FusionPass
 
 aten = torch.ops.aten
@@ -66,5 +66,5 @@ class NoopElimination(FusionPass):
             counts[kind] += 1
         self.last_counts = {k: n for k, n in counts.items() if n}
         for kind, n in self.last_counts.items():
-            match_table.record(self.name, kind, n)
+            record(self.name, kind, n)
         return sum(counts.values())
