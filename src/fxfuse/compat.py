@@ -177,3 +177,8 @@ def inductor_counters() -> Counter:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]
+
+
+def pattern_source(pattern: PatternExpr, name: str) -> str:
+    """A pattern printed as the Python that builds it."""
+    return _pm.PatternPrettyPrinter.run(pattern, output_name=name)

@@ -1,0 +1,162 @@
+"""Configuration of the reference Llama-style model.
+
+Example:
+    >>> from fxfuse.models import ModelConfig
+    >>> cfg = ModelConfig.preset("tiny", num_layers=3)
+    >>> cfg.num_layers, cfg.hidden_size
+    (3, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+#: Quantization schemes the model can be built with.
+QUANT_SCHEMES = frozenset({"fp8"})
+
+#: Activation dtypes the fxfuse ops accept.
+MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+_POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-style decoder; validated on construction.
+
+    ``dtype`` is the activation/weight dtype outside the FP8 GEMMs; ``seed`` fixes the
+    random weights; ``quant`` names the linear-layer quantization scheme (only
+    ``"fp8"``: per-tensor FP8 weights and static per-tensor FP8 activations).
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+        ...                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+        >>> cfg.q_size, cfg.kv_size
+        (64, 32)
+        >>> ModelConfig.preset("tiny", seed=1).seed
+        1
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+    quant: str = "fp8"
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"ModelConfig.{name} must be an int, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {value}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                f"ModelConfig.num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.hidden_size != self.num_heads * self.head_dim:
+            raise ValueError(
+                f"ModelConfig.hidden_size ({self.hidden_size}) must equal num_heads * head_dim "
+                f"({self.num_heads} * {self.head_dim} = {self.num_heads * self.head_dim})"
+            )
+        # rotate-half RoPE pairs dimension i with i + head_dim/2.
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"ModelConfig.head_dim must be even (rotary embedding), got {self.head_dim}")
+        for name in ("rms_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(
+                f"ModelConfig.dtype must be one of ({', '.join(map(str, MODEL_DTYPES))}), got {self.dtype!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"ModelConfig.seed must be a non-negative int, got {self.seed!r}")
+        if self.quant not in QUANT_SCHEMES:
+            raise ValueError(
+                f"ModelConfig.quant must be one of {sorted(QUANT_SCHEMES)}, got {self.quant!r}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        """Width of the query projection: ``num_heads * head_dim``.
+
+        Example:
+            >>> ModelConfig.preset("tiny").q_size
+            64
+        """
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of each of the key and value projections: ``num_kv_heads * head_dim``.
+
+        Example:
+            >>> ModelConfig.preset("tiny").kv_size
+            32
+        """
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def preset(cls, name: str, **overrides: object) -> "ModelConfig":
+        """A copy of ``PRESETS[name]`` with ``overrides`` applied (and validated).
+
+        Raises ``ValueError`` for an unknown preset (listing the valid names) or an
+        invalid resulting config, ``TypeError`` for an override that is not a field.
+
+        Example:
+            >>> ModelConfig.preset("llama3-8b", num_layers=2).num_layers
+            2
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(
+                f"unknown ModelConfig field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}"
+            )
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+#: Named configurations. ``"tiny"`` runs on a CPU in milliseconds and is what tests use;
+#: ``"llama3-8b"`` has Llama 3 8B's shapes (RoPE without Llama 3.1's long-context scaling).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+    ),
+    "llama3-8b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+    ),
+}

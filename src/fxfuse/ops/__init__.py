@@ -1,0 +1,23 @@
+"""The ``torch.ops.fxfuse.*`` operator library.
+
+Importing this package registers every op (``torch.library.custom_op`` in the
+``fxfuse`` namespace). Each op has a fake implementation for tracing, input
+validation shared by its fake and real implementations, and a native PyTorch
+implementation that is the numerical reference (``*_native`` functions in the
+submodules):
+
+- :mod:`.norm`: ``rms_norm``, ``fused_add_rms_norm``
+- :mod:`.quant`: ``static_scaled_fp8_quant``, ``dynamic_per_token_fp8_quant``
+- :mod:`.activation`: ``silu_and_mul``
+- :mod:`.linear`: ``fp8_linear``
+- :mod:`.fused`: the norm/activation + FP8 quant fusions
+"""
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+from . import activation, fused, linear, norm, quant  # noqa: E402  (registers the ops)
+
+__all__ = ["FP8_DTYPE", "FP8_MAX", "activation", "fused", "linear", "norm", "quant"]

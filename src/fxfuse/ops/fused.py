@@ -1,0 +1,225 @@
+"""Fused producer + FP8 quantization ops.
+
+Each fused op is defined as the chain of unfused ops it replaces, and its native
+implementation literally composes their native functions, so fused and unfused agree
+bit for bit: the producer's output (RMS norm, SiLU-and-mul) is rounded to the model
+dtype before it is quantized, exactly as in the unfused graph.
+"""
+
+from typing import Optional
+
+import torch
+
+from . import _validate as V
+from .activation import silu_and_mul_native, silu_and_mul_out_shape, validate_silu_and_mul
+from .norm import (
+    fused_add_rms_norm_native,
+    rms_norm_native,
+    validate_fused_add_rms_norm,
+    validate_rms_norm,
+)
+from .quant import (
+    dynamic_per_token_fp8_quant_native,
+    fp8_empty_like,
+    per_token_scales_empty,
+    static_scaled_fp8_quant_native,
+)
+
+# --------------------------------------------------------------------------- native math
+
+
+def rms_norm_static_fp8_quant_native(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Reference: ``static_scaled_fp8_quant(rms_norm(x, weight, eps), scale)``."""
+    return static_scaled_fp8_quant_native(rms_norm_native(x, weight, eps), scale)
+
+
+def fused_add_rms_norm_static_fp8_quant_native(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: ``(static_scaled_fp8_quant(y, scale), residual_out)`` with
+    ``(y, residual_out) = fused_add_rms_norm(x, residual, weight, eps)``."""
+    y, residual_out = fused_add_rms_norm_native(x, residual, weight, eps)
+    return static_scaled_fp8_quant_native(y, scale), residual_out
+
+
+def rms_norm_dynamic_per_token_fp8_quant_native(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, scale_ub: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: ``dynamic_per_token_fp8_quant(rms_norm(x, weight, eps), scale_ub)`` -> ``(q, scales)``."""
+    return dynamic_per_token_fp8_quant_native(rms_norm_native(x, weight, eps), scale_ub)
+
+
+def fused_add_rms_norm_dynamic_per_token_fp8_quant_native(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    scale_ub: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference: ``(q, scales, residual_out)`` with ``(q, scales)`` the dynamic per-token
+    quant of ``y`` and ``(y, residual_out) = fused_add_rms_norm(x, residual, weight, eps)``."""
+    y, residual_out = fused_add_rms_norm_native(x, residual, weight, eps)
+    q, scales = dynamic_per_token_fp8_quant_native(y, scale_ub)
+    return q, scales, residual_out
+
+
+def silu_and_mul_static_fp8_quant_native(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference: ``static_scaled_fp8_quant(silu_and_mul(x), scale)``."""
+    return static_scaled_fp8_quant_native(silu_and_mul_native(x), scale)
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def validate_rms_norm_static_fp8_quant(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
+) -> None:
+    op = "rms_norm_static_fp8_quant"
+    validate_rms_norm(x, weight, eps, op=op)
+    V.check_scalar_scale(op, "scale", scale, "x", x)
+
+
+def validate_fused_add_rms_norm_static_fp8_quant(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
+) -> None:
+    op = "fused_add_rms_norm_static_fp8_quant"
+    validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
+    V.check_scalar_scale(op, "scale", scale, "x", x)
+
+
+def validate_rms_norm_dynamic_per_token_fp8_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, scale_ub: Optional[torch.Tensor]
+) -> None:
+    op = "rms_norm_dynamic_per_token_fp8_quant"
+    validate_rms_norm(x, weight, eps, op=op)
+    V.check_optional_scalar_scale(op, "scale_ub", scale_ub, "x", x)
+
+
+def validate_fused_add_rms_norm_dynamic_per_token_fp8_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    scale_ub: Optional[torch.Tensor],
+) -> None:
+    op = "fused_add_rms_norm_dynamic_per_token_fp8_quant"
+    validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
+    V.check_optional_scalar_scale(op, "scale_ub", scale_ub, "x", x)
+
+
+def validate_silu_and_mul_static_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> None:
+    op = "silu_and_mul_static_fp8_quant"
+    validate_silu_and_mul(x, op=op)
+    V.check_scalar_scale(op, "scale", scale, "x", x)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("fxfuse::rms_norm_static_fp8_quant", mutates_args=())
+def rms_norm_static_fp8_quant(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """RMS norm then static FP8 quant, in one op; equal to the two-op chain bit for bit.
+
+    >>> q = torch.ops.fxfuse.rms_norm_static_fp8_quant(x, w, scale, 1e-6)
+    """
+    validate_rms_norm_static_fp8_quant(x, weight, scale, eps)
+    # Device kernels dispatch here; the native function is the reference everywhere else.
+    return rms_norm_static_fp8_quant_native(x, weight, scale, eps)
+
+
+@rms_norm_static_fp8_quant.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    validate_rms_norm_static_fp8_quant(x, weight, scale, eps)
+    return fp8_empty_like(x)
+
+
+@torch.library.custom_op("fxfuse::fused_add_rms_norm_static_fp8_quant", mutates_args=())
+def fused_add_rms_norm_static_fp8_quant(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, RMS norm, static FP8 quant; returns ``(q, residual_out)``.
+
+    >>> q, r_out = torch.ops.fxfuse.fused_add_rms_norm_static_fp8_quant(x, r, w, scale, 1e-6)
+    """
+    validate_fused_add_rms_norm_static_fp8_quant(x, residual, weight, scale, eps)
+    # Device kernels dispatch here; the native function is the reference everywhere else.
+    return fused_add_rms_norm_static_fp8_quant_native(x, residual, weight, scale, eps)
+
+
+@fused_add_rms_norm_static_fp8_quant.register_fake
+def _(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    validate_fused_add_rms_norm_static_fp8_quant(x, residual, weight, scale, eps)
+    return fp8_empty_like(x), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fxfuse::rms_norm_dynamic_per_token_fp8_quant", mutates_args=())
+def rms_norm_dynamic_per_token_fp8_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, scale_ub: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMS norm then dynamic per-token FP8 quant; returns ``(q, scales)``.
+
+    >>> q, scales = torch.ops.fxfuse.rms_norm_dynamic_per_token_fp8_quant(x, w, 1e-6)
+    """
+    validate_rms_norm_dynamic_per_token_fp8_quant(x, weight, eps, scale_ub)
+    # Device kernels dispatch here; the native function is the reference everywhere else.
+    return rms_norm_dynamic_per_token_fp8_quant_native(x, weight, eps, scale_ub)
+
+
+@rms_norm_dynamic_per_token_fp8_quant.register_fake
+def _(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, scale_ub: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    validate_rms_norm_dynamic_per_token_fp8_quant(x, weight, eps, scale_ub)
+    return fp8_empty_like(x), per_token_scales_empty(x)
+
+
+@torch.library.custom_op("fxfuse::fused_add_rms_norm_dynamic_per_token_fp8_quant", mutates_args=())
+def fused_add_rms_norm_dynamic_per_token_fp8_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    scale_ub: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual add, RMS norm, dynamic per-token FP8 quant; returns ``(q, scales, residual_out)``.
+
+    >>> q, scales, r_out = torch.ops.fxfuse.fused_add_rms_norm_dynamic_per_token_fp8_quant(x, r, w, 1e-6)
+    """
+    validate_fused_add_rms_norm_dynamic_per_token_fp8_quant(x, residual, weight, eps, scale_ub)
+    # Device kernels dispatch here; the native function is the reference everywhere else.
+    return fused_add_rms_norm_dynamic_per_token_fp8_quant_native(x, residual, weight, eps, scale_ub)
+
+
+@fused_add_rms_norm_dynamic_per_token_fp8_quant.register_fake
+def _(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    scale_ub: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    validate_fused_add_rms_norm_dynamic_per_token_fp8_quant(x, residual, weight, eps, scale_ub)
+    return fp8_empty_like(x), per_token_scales_empty(x), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fxfuse::silu_and_mul_static_fp8_quant", mutates_args=())
+def silu_and_mul_static_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """SiLU-and-mul then static FP8 quant; ``x`` is ``[..., 2 * d]``, the output ``[..., d]`` fp8.
+
+    >>> q = torch.ops.fxfuse.silu_and_mul_static_fp8_quant(x, scale)
+    """
+    validate_silu_and_mul_static_fp8_quant(x, scale)
+    # Device kernels dispatch here; the native function is the reference everywhere else.
+    return silu_and_mul_static_fp8_quant_native(x, scale)
+
+
+@silu_and_mul_static_fp8_quant.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    validate_silu_and_mul_static_fp8_quant(x, scale)
+    return x.new_empty(silu_and_mul_out_shape(x), dtype=torch.float8_e4m3fn)

@@ -1,0 +1,36 @@
+"""The ``fxfuse`` command: the demo end to end on the tiny model, patterns, argument errors."""
+
+import json
+
+import pytest
+
+from fxfuse.cli import main
+
+
+@pytest.mark.compile
+def test_demo_reports_expected_matches_and_identical_tokens(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--layers", "2", "--new-tokens", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    table = result["match_table"]
+    assert sum(table["rms_quant_fusion"].values()) == 4
+    assert sum(table["act_quant_fusion"].values()) == 2
+    assert result["max_abs_diff"] == 0.0
+    assert result["tokens_fused"] == result["tokens_unfused"]
+    assert len(result["tokens_fused"]) == 2 and len(result["tokens_fused"][0]) == 4
+    printed = capsys.readouterr().out
+    assert "rms_quant_fusion" in printed and "greedy tokens identical: yes" in printed
+
+
+def test_patterns_prints_every_rewrite_and_timing(capsys):
+    assert main(["patterns", "--timing"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("RmsNormStaticFp8Quant", "FusedAddRmsNormDynamicFp8QuantUb", "SiluMulStaticFp8Quant"):
+        assert f"# {name} [functional]" in printed
+    assert "CallFunction(fxfuse.static_scaled_fp8_quant.default" in printed and "KeywordArg('eps')" in printed
+    assert "registration of all built-in passes" in printed
+
+
+def test_bad_layers_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        main(["demo", "--layers", "0"])
