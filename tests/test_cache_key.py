@@ -1,6 +1,7 @@
 """The cache key changes with each ingredient of DESIGN §4, and only with them."""
 
 import importlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -58,9 +59,13 @@ def test_same_passes_same_key_in_this_process(rewrite_module):
 def test_key_is_identical_across_processes(rewrite_module, tmp_path):
     rewrite_module()
     code = "import fxfuse, fxfuse_keymod as m; print(fxfuse.PassManager([fxfuse.FusionPass('p', [m.Scale()]), *fxfuse.default_passes()]).uuid())"
-    env_path = f"{tmp_path}"
+    path = os.pathsep.join([str(tmp_path), *sys.path])  # fxfuse may be on sys.path, not installed
     runs = [
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__('os').environ, "PYTHONPATH": env_path, "PYTHONHASHSEED": seed}, check=True).stdout.split()[-1]
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": seed},
+        ).stdout.split()[-1]
         for seed in ("1", "2")
     ]
     assert runs[0] == runs[1] and len(runs[0]) == 64

@@ -11,10 +11,9 @@ What is checked:
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import fxfuse.ops as ops
+import fxfuse.ops  # noqa: F401  (registers torch.ops.fxfuse.*)
 from fxfuse.ops import FP8_DTYPE, FP8_MAX
 from fxfuse.ops.activation import silu_and_mul_native
 from fxfuse.ops.linear import fp8_linear_native
