@@ -55,31 +55,6 @@ def check_torch_version() -> None:
 # --------------------------------------------------------------------------- tracing
 
 
-@functools.cache
-def _fwd_only_params() -> frozenset[str]:
-    return frozenset(inspect.signature(_pm.fwd_only).parameters)
-
-
-def trace_forward(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
-    """Trace ``fn`` into the normalized aten graph Inductor's pattern matcher expects.
-
-    2.12 changed the ``trace_fn`` signature (``get_decomp_fn`` became a keyword with a
-    default, before that fwd_only took none); we pass only what this release accepts.
-    Bound methods are wrapped because 2.11's tracer inspects ``fn.__code__`` argument
-    names and counts ``self`` among them.
-    """
-    if inspect.ismethod(fn):
-        bound = fn
-
-        def fn(*a: Any) -> Any:  # noqa: F811 - deliberate rebinding
-            return bound(*a)
-
-    kwargs: dict[str, Any] = {}
-    if "run_functional_passes" in _fwd_only_params():
-        kwargs["run_functional_passes"] = True
-    return _pm.fwd_only(fn, list(args), **kwargs)
-
-
 def fake_mode() -> FakeTensorMode:
     """A fresh fake-tensor mode that lets CPU-traced patterns carry any device."""
     return FakeTensorMode(allow_non_fake_inputs=True)
@@ -150,13 +125,6 @@ def custom_post_pass_key() -> str:
 def current_custom_post_pass() -> Any:
     """The post-grad custom pass installed in global Inductor config, if any."""
     return getattr(torch._inductor.config, custom_post_pass_key(), None)
-
-
-def accepts_pass_lists() -> bool:
-    """Since 2.13 Inductor accepts a list of custom passes; before, exactly one."""
-    from torch._inductor import custom_graph_pass
-
-    return hasattr(custom_graph_pass, "get_custom_graph_passes")
 
 
 def custom_graph_pass_base() -> type:
