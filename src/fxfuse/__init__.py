@@ -26,5 +26,6 @@ __all__ = [
 ]
 
 from .passes import FusionConfig, default_passes  # noqa: E402
+from . import distributed  # noqa: E402,F401
 
 __all__ += ["FusionConfig", "default_passes"]
