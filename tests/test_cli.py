@@ -34,3 +34,16 @@ def test_patterns_prints_every_rewrite_and_timing(capsys):
 def test_bad_layers_is_a_usage_error():
     with pytest.raises(SystemExit):
         main(["demo", "--layers", "0"])
+
+
+@pytest.mark.compile
+def test_explain_reports_each_fusion_site(capsys):
+    assert main(["explain", "--layers", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    matched = sorted(line.split(" [")[0] for line in lines if line.endswith("MATCH"))
+    assert matched == [
+        "act_quant_fusion/SiluMulStaticFp8Quant",
+        "rms_quant_fusion/FusedAddRmsNormStaticFp8Quant",
+        "rms_quant_fusion/RmsNormStaticFp8Quant",
+    ]
+    assert all(": no: " in line or line.endswith("MATCH") for line in lines)

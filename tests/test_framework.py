@@ -149,6 +149,29 @@ class AddIntThenMul(fxfuse.Rewrite):
         return [TensorSpec((4, 8)), 5]
 
 
+@torch.library.custom_op("fxtest::maybe_neg", mutates_args=())
+def maybe_neg(x: torch.Tensor, neg: bool) -> torch.Tensor:
+    return -x if neg else x.clone()
+
+
+@maybe_neg.register_fake
+def _(x, neg):
+    return torch.empty_like(x)
+
+
+class MaybeNegThenAbs(fxfuse.Rewrite):
+    """Bool wildcard: both flags, one registration."""
+
+    def pattern(self, x, neg):
+        return torch.ops.fxtest.maybe_neg(x, neg).abs()
+
+    def replacement(self, x, neg):
+        return x.abs()
+
+    def example_inputs(self):
+        return [TensorSpec((4, 8)), True]
+
+
 class WriteThenDivide(fxfuse.Rewrite):
     """A mutating op, written as the user calls it."""
 
@@ -240,6 +263,18 @@ def test_int_wildcard_binds_each_value():
     gm = trace_graph(f, x)
     assert fxfuse.FusionPass("p", [AddIntThenMul()])(gm) == 2
     gm.recompile()
+    torch.testing.assert_close(gm(x), f(x))
+
+
+def test_bool_wildcard_matches_both_values():
+    def f(x):
+        return torch.ops.fxtest.maybe_neg(x, False).abs() + torch.ops.fxtest.maybe_neg(x, True).abs()
+
+    x = torch.randn(4, 8)
+    gm = trace_graph(f, x)
+    assert fxfuse.FusionPass("p", [MaybeNegThenAbs()])(gm) == 2
+    gm.recompile()
+    assert torch.ops.fxtest.maybe_neg.default not in targets(gm)
     torch.testing.assert_close(gm(x), f(x))
 
 

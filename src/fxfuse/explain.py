@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Callable, Sequence
 
 import torch
@@ -101,10 +102,23 @@ def explain(
                 continue
             for variant in traced.variants:
                 entry = _Entry(p, traced, variant)
-                for fn in variant.pattern.fns:
-                    for node in work.graph.find_nodes(op="call_function", target=fn):
-                        sites.append(_site(p, traced.name, variant.form, entry, node, regions))
+                for node in _anchor_sites(work.graph, variant.pattern):
+                    sites.append(_site(p, traced.name, variant.form, entry, node, regions))
     return Explanation(sites)
+
+
+def _anchor_sites(graph: torch.fx.Graph, pattern: compat.PatternExpr) -> list[torch.fx.Node]:
+    """Nodes where the pattern's anchor op occurs.
+
+    A pattern whose first output is ``getitem(op(...), i)`` anchors on every getitem of
+    the graph; only those taken from ``op`` are sites worth reporting.
+    """
+    first = pattern.outputs[0] if isinstance(pattern, compat.MultiOutputPattern) else pattern
+    nodes = [n for fn in first.fns for n in graph.find_nodes(op="call_function", target=fn)]
+    if first.fns == [operator.getitem] and isinstance(first.args[0], compat.CallFunction):
+        producers = set(first.args[0].fns)
+        nodes = [n for n in nodes if isinstance(n.args[0], torch.fx.Node) and n.args[0].target in producers]
+    return nodes
 
 
 def _site(p: FusionPass, name: str, form: str, entry: _Entry, node: torch.fx.Node, regions: Any) -> Site:
