@@ -71,6 +71,10 @@ def act_chain(x, s):
     return fx.static_scaled_fp8_quant(fx.silu_and_mul(x), s)
 
 
+def act_nvfp4_chain(x, gs):
+    return fx.nvfp4_quant(fx.silu_and_mul(x), gs)
+
+
 CASES = [
     ("RmsNormStaticFp8Quant", static_chain, lambda t, h, d: (_rand(t, h, dtype=d, scale=30), _rand(h, dtype=d), torch.tensor([0.01])), fx.rms_norm_static_fp8_quant),
     ("FusedAddRmsNormStaticFp8Quant", add_static_chain, lambda t, h, d: (_rand(t, h, dtype=d), _rand(t, h, dtype=d), _rand(h, dtype=d), torch.tensor([0.02])), fx.fused_add_rms_norm_static_fp8_quant),
@@ -79,6 +83,7 @@ CASES = [
     ("FusedAddRmsNormDynamicFp8Quant", add_dynamic_chain, lambda t, h, d: (_rand(t, h, dtype=d), _rand(t, h, dtype=d), _rand(h, dtype=d)), fx.fused_add_rms_norm_dynamic_per_token_fp8_quant),
     ("FusedAddRmsNormDynamicFp8QuantUb", add_dynamic_ub_chain, lambda t, h, d: (_rand(t, h, dtype=d), _rand(t, h, dtype=d), _rand(h, dtype=d), torch.tensor([1.0])), fx.fused_add_rms_norm_dynamic_per_token_fp8_quant),
     ("SiluMulStaticFp8Quant", act_chain, lambda t, h, d: (_rand(t, 2 * h, dtype=d, scale=4), torch.tensor([0.01])), fx.silu_and_mul_static_fp8_quant),
+    ("SiluMulNvfp4Quant", act_nvfp4_chain, lambda t, h, d: (_rand(t, 2 * (h // 16 * 16 or 16), dtype=d, scale=4), torch.tensor([448.0 * 6 / 8])), fx.silu_and_mul_nvfp4_quant),
 ]
 
 

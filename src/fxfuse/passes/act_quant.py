@@ -1,4 +1,4 @@
-"""``act_quant_fusion``: SiLU-and-mul, then FP8 quant."""
+"""``act_quant_fusion``: SiLU-and-mul, then static FP8 or NVFP4 quant."""
 
 from __future__ import annotations
 
@@ -27,10 +27,26 @@ class SiluMulStaticFp8Quant(Rewrite):
         return same_model_dtype(val(match, "x")) and is_fp32_scalar(val(match, "s"))
 
 
+class SiluMulNvfp4Quant(Rewrite):
+    """nvfp4(silu(x[:, :d]) * x[:, d:])  ->  silu_and_mul_nvfp4_quant"""
+
+    def pattern(self, x, global_scale):
+        return fx.nvfp4_quant(fx.silu_and_mul(x), global_scale)
+
+    def replacement(self, x, global_scale):
+        return fx.silu_and_mul_nvfp4_quant(x, global_scale)
+
+    def example_inputs(self):
+        return [activation(width=128), scale()]
+
+    def check(self, match):
+        return same_model_dtype(val(match, "x")) and is_fp32_scalar(val(match, "global_scale"))
+
+
 def act_quant_fusion() -> FusionPass:
     """The ``act_quant_fusion`` pass.
 
     Example:
         >>> p = act_quant_fusion(); p(gm.graph)
     """
-    return FusionPass("act_quant_fusion", [SiluMulStaticFp8Quant()])
+    return FusionPass("act_quant_fusion", [SiluMulStaticFp8Quant(), SiluMulNvfp4Quant()])
