@@ -20,5 +20,6 @@ FP8_MAX = 448.0
 
 from . import activation, fused, linear, norm, quant  # noqa: E402  (registers the ops)
 from . import nvfp4  # noqa: E402  (registers the NVFP4 ops)
+from . import attention  # noqa: E402  (registers the paged attention op)
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "activation", "fused", "linear", "norm", "quant"]

@@ -7,6 +7,7 @@ from typing import Callable
 
 from ..fusion_pass import FusionPass
 from .act_quant import act_quant_fusion
+from .attn_quant import attn_quant_fusion
 from .noop_elimination import NoopElimination
 from .rms_quant import rms_quant_fusion
 
@@ -22,14 +23,16 @@ class FusionConfig:
     noop_elimination: bool = True
     rms_quant: bool = True
     act_quant: bool = True
+    attn_quant: bool = True
 
 
 # Pipeline order matters: noop elimination exposes producer/consumer pairs to the
-# fusions. attn_quant_fusion slots in after act_quant, allreduce_rms_fusion last.
+# fusions. allreduce_rms_fusion will slot in last.
 _PIPELINE: tuple[tuple[str, Callable[[], FusionPass]], ...] = (
     ("noop_elimination", NoopElimination),
     ("rms_quant", rms_quant_fusion),
     ("act_quant", act_quant_fusion),
+    ("attn_quant", attn_quant_fusion),
 )
 
 
@@ -38,7 +41,7 @@ def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
 
     Example:
         >>> [p.name for p in fxfuse.default_passes()]
-        ['noop_elimination', 'rms_quant_fusion', 'act_quant_fusion']
+        ['noop_elimination', 'rms_quant_fusion', 'act_quant_fusion', 'attn_quant_fusion']
     """
     config = config or FusionConfig()
     if not isinstance(config, FusionConfig):
@@ -46,4 +49,4 @@ def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
     return [build() for flag, build in _PIPELINE if getattr(config, flag)]
 
 
-__all__ = ["FusionConfig", "default_passes", "NoopElimination", "rms_quant_fusion", "act_quant_fusion"]
+__all__ = ["FusionConfig", "default_passes", "NoopElimination", "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion"]

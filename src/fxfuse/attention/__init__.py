@@ -1,0 +1,62 @@
+"""Paged attention: batch metadata, KV caches, layers, backends and the forward context.
+
+``torch.ops.fxfuse.attention(query, key, value, output, layer_name, ...)`` (defined in
+:mod:`fxfuse.ops.attention`) finds everything besides its tensors by ``layer_name``:
+
+- the layer's head counts and :class:`AttentionBackend` in the static, process-wide
+  layer registry (:func:`register_layer`, :func:`get_layer`), which compile-time passes
+  also read to learn whether a layer's backend fuses an output quant scheme;
+- the batch's :class:`AttentionMetadata` and the layer's :class:`KVCache` in the
+  :class:`ForwardContext` that the model runner sets around each forward call
+  (:func:`set_forward_context`).
+
+Example::
+
+    import torch, fxfuse
+    from fxfuse.attention import (AttentionLayer, AttentionMetadata, ForwardContext, KVCache,
+                                  NativeAttentionBackend, register_layer, set_forward_context)
+
+    register_layer(AttentionLayer("attn0", num_heads=4, num_kv_heads=1, head_size=64,
+                                  backend=NativeAttentionBackend()))
+    cache = KVCache.allocate(16, 16, 1, 64, torch.bfloat16)
+    meta = AttentionMetadata.from_lens(query_lens=[5], seq_lens=[5], block_table=[[0]], block_size=16)
+    q = torch.randn(5, 4, 64, dtype=torch.bfloat16)
+    k = v = torch.randn(5, 1, 64, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    with set_forward_context(ForwardContext(meta, {"attn0": cache})):
+        torch.ops.fxfuse.attention(q, k, v, out, "attn0")
+"""
+
+from .backend import OUTPUT_QUANT_SCHEMES, AttentionBackend, output_quant_scheme
+from .context import (
+    AttentionLayer,
+    AttentionMetadata,
+    ForwardContext,
+    KVCache,
+    NoForwardContextError,
+    UnknownLayerError,
+    get_forward_context,
+    get_layer,
+    register_layer,
+    registered_layer_names,
+    set_forward_context,
+    temporary_layers,
+    unregister_layer,
+)
+from .native import (
+    NativeAttentionBackend,
+    NoQuantNativeBackend,
+    paged_attention_native,
+    write_kv_cache_native,
+    write_output_native,
+)
+
+__all__ = [
+    "OUTPUT_QUANT_SCHEMES", "AttentionBackend", "output_quant_scheme",
+    "AttentionLayer", "AttentionMetadata", "ForwardContext", "KVCache",
+    "NoForwardContextError", "UnknownLayerError",
+    "get_forward_context", "get_layer", "register_layer", "registered_layer_names",
+    "set_forward_context", "temporary_layers", "unregister_layer",
+    "NativeAttentionBackend", "NoQuantNativeBackend",
+    "paged_attention_native", "write_kv_cache_native", "write_output_native",
+]

@@ -1,0 +1,621 @@
+"""Batch metadata, paged KV caches, the static layer registry and the forward context.
+
+``torch.ops.fxfuse.attention`` takes only tensors and a ``layer_name``; everything else
+it needs is looked up by that name, so per-layer state stays out of the compiled graph
+(one graph serves every batch shape of metadata, and a pattern with ``layer_name`` as a
+wildcard matches every layer):
+
+- the **layer registry** (static, process-wide) maps a name to its
+  :class:`AttentionLayer` -- head counts and :class:`~.backend.AttentionBackend`. It is
+  filled when the model is built, so compile-time passes can ask a layer's backend
+  which fusions it supports;
+- the **forward context** (set by the model runner around each forward call) holds the
+  batch's :class:`AttentionMetadata` and each layer's :class:`KVCache`.
+
+Example::
+
+    layer = register_layer(AttentionLayer("layers.0.attn", 8, 2, 64, NativeAttentionBackend()))
+    cache = KVCache.allocate(64, 16, 2, 64, torch.bfloat16)
+    meta = AttentionMetadata.from_lens([5, 1], [5, 40], [[0], [1, 2, 3]], block_size=16)
+    with set_forward_context(ForwardContext(meta, {"layers.0.attn": cache})):
+        torch.ops.fxfuse.attention(q, k, v, out, "layers.0.attn")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .backend import AttentionBackend
+
+_PREFIX = "fxfuse.attention"
+
+#: KV cache dtypes: the model dtypes (the cache holds K/V exactly as the op receives them).
+KV_CACHE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class UnknownLayerError(KeyError):
+    """A layer name that the registry (or the forward context's KV caches) does not know."""
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument, which would quote the whole message.
+        return str(self.args[0]) if self.args else ""
+
+
+class NoForwardContextError(RuntimeError):
+    """``attention`` ran (or :func:`get_forward_context` was called) outside ``set_forward_context``."""
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names) if names else "none"
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@dataclasses.dataclass(eq=False)
+class AttentionMetadata:
+    """Where each sequence's new tokens are, how long each sequence is, and where its K/V live.
+
+    Sequences are concatenated along the token axis; sequence ``i`` has its new tokens
+    at rows ``query_start_loc[i]:query_start_loc[i+1]`` and ``seq_lens[i]`` tokens in
+    total (cached context + new). Its new token ``j`` sits at absolute position
+    ``seq_lens[i] - n_new_i + j`` and attends to positions ``0..`` that position.
+    Position ``p`` of sequence ``i`` is stored in cache block ``block_table[i, p // bs]``
+    at offset ``p % bs``; ``slot_mapping[t] = block * bs + offset`` for each new token
+    ``t``, which is where the op writes that token's key and value.
+
+    Attributes:
+        query_start_loc: int32 ``[B + 1]``, starts at 0, non-decreasing, ends at ``T``.
+        seq_lens: int32 ``[B]``.
+        block_table: int32 ``[B, max_blocks]``; entries past a sequence's last block
+            are never read.
+        slot_mapping: int64 ``[T]``.
+        max_query_len: host-side upper bound of the new-token counts.
+        max_seq_len: host-side upper bound of ``seq_lens``.
+
+    Use :meth:`from_lens` to build one from Python lists.
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0]) if isinstance(self.seq_lens, torch.Tensor) else 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_mapping.device
+
+    @classmethod
+    def from_lens(
+        cls,
+        query_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        block_table: Union[torch.Tensor, Sequence[Sequence[int]]],
+        block_size: int,
+        device: Union[torch.device, str, None] = None,
+    ) -> "AttentionMetadata":
+        """Build the metadata from per-sequence new-token counts, total lengths and block lists.
+
+        ``block_table`` may be ragged (a list of block-id lists); rows are padded with
+        block 0, which is never read. ``slot_mapping`` is derived from it, so the two
+        always agree.
+
+        >>> m = AttentionMetadata.from_lens([3, 1], [3, 18], [[7], [2, 5]], block_size=16)
+        >>> m.query_start_loc.tolist(), m.slot_mapping.tolist()
+        ([0, 3, 4], [112, 113, 114, 81])
+        """
+        if len(query_lens) != len(seq_lens):
+            raise ValueError(
+                f"{_PREFIX}: `query_lens` and `seq_lens` must have one entry per sequence, "
+                f"got {len(query_lens)} and {len(seq_lens)}"
+            )
+        if not _is_int(block_size) or block_size <= 0:
+            raise ValueError(f"{_PREFIX}: `block_size` must be a positive int, got {block_size!r}")
+        if isinstance(block_table, torch.Tensor):
+            table = block_table.to(device="cpu", dtype=torch.int32)
+        else:
+            rows = [list(r) for r in block_table]
+            width = max((len(r) for r in rows), default=0)
+            table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32).reshape(
+                len(rows), width
+            )
+        if table.dim() != 2 or table.shape[0] != len(seq_lens):
+            raise ValueError(
+                f"{_PREFIX}: `block_table` must have one row per sequence ({len(seq_lens)}), "
+                f"got shape {tuple(table.shape)}"
+            )
+        qsl = [0]
+        slots: list[int] = []
+        for i, (n_new, total) in enumerate(zip(query_lens, seq_lens)):
+            if not (_is_int(n_new) and _is_int(total) and 0 <= n_new <= total):
+                raise ValueError(
+                    f"{_PREFIX}: sequence {i} must have 0 <= query_len <= seq_len, "
+                    f"got query_len={n_new!r}, seq_len={total!r}"
+                )
+            needed = -(-total // block_size)
+            if needed > table.shape[1]:
+                raise ValueError(
+                    f"{_PREFIX}: sequence {i} (seq_len {total}) needs {needed} blocks of size "
+                    f"{block_size}, but its `block_table` row has {table.shape[1]}"
+                )
+            qsl.append(qsl[-1] + n_new)
+            for pos in range(total - n_new, total):
+                slots.append(int(table[i, pos // block_size]) * block_size + pos % block_size)
+        return cls(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+            block_table=table.to(device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+        )
+
+    def validate(
+        self, num_tokens: int, *, block_size: Optional[int] = None, num_blocks: Optional[int] = None
+    ) -> None:
+        """Raise ``ValueError`` unless this metadata describes a batch of ``num_tokens`` new tokens.
+
+        Always checked: tensor types, dtypes, ranks, devices; ``query_start_loc`` starts at
+        0, never decreases and ends at ``num_tokens`` (the new tokens of all sequences add
+        up to ``T``); ``0 <= n_new_i <= seq_lens[i]``; ``max_query_len``/``max_seq_len``
+        are ints at least as large as the real maxima.
+
+        With ``block_size`` (the KV cache's): each sequence's ``block_table`` row has
+        ``ceil(seq_lens[i] / block_size)`` entries, and ``slot_mapping`` is the slot the
+        block table gives each new token's position (else the op would write K/V where
+        it does not read them). With ``num_blocks`` as well: the block ids read and the
+        slots written lie inside the cache.
+
+        Reads the tensors' values (a device sync on GPU).
+        """
+        fields = {
+            "query_start_loc": (self.query_start_loc, torch.int32, 1),
+            "seq_lens": (self.seq_lens, torch.int32, 1),
+            "block_table": (self.block_table, torch.int32, 2),
+            "slot_mapping": (self.slot_mapping, torch.int64, 1),
+        }
+        for fname, (t, dtype, ndim) in fields.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{_PREFIX}: metadata `{fname}` must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != dtype:
+                raise ValueError(f"{_PREFIX}: metadata `{fname}` must have dtype {dtype}, got {t.dtype}")
+            if t.dim() != ndim:
+                raise ValueError(
+                    f"{_PREFIX}: metadata `{fname}` must have {ndim} dimension(s), got shape {tuple(t.shape)}"
+                )
+            if t.device != self.slot_mapping.device:
+                raise ValueError(
+                    f"{_PREFIX}: metadata `{fname}` must be on the device of `slot_mapping` "
+                    f"({self.slot_mapping.device}), got {t.device}"
+                )
+        for fname in ("max_query_len", "max_seq_len"):
+            v = getattr(self, fname)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{_PREFIX}: metadata `{fname}` must be a non-negative int, got {v!r}")
+        if not _is_int(num_tokens) or num_tokens < 0:
+            raise ValueError(f"{_PREFIX}: `num_tokens` must be a non-negative int, got {num_tokens!r}")
+
+        num_seqs = self.seq_lens.shape[0]
+        if self.query_start_loc.shape[0] != num_seqs + 1:
+            raise ValueError(
+                f"{_PREFIX}: metadata `query_start_loc` must have num_seqs + 1 = {num_seqs + 1} entries "
+                f"(`seq_lens` has {num_seqs}), got {self.query_start_loc.shape[0]}"
+            )
+        if self.block_table.shape[0] != num_seqs:
+            raise ValueError(
+                f"{_PREFIX}: metadata `block_table` must have one row per sequence ({num_seqs}), "
+                f"got shape {tuple(self.block_table.shape)}"
+            )
+        if self.slot_mapping.shape[0] != num_tokens:
+            raise ValueError(
+                f"{_PREFIX}: metadata `slot_mapping` must have one entry per new token ({num_tokens}), "
+                f"got {self.slot_mapping.shape[0]}"
+            )
+
+        # One host copy of everything; the checks below are on CPU.
+        qsl = self.query_start_loc.cpu().long()
+        seq_lens = self.seq_lens.cpu().long()
+        if qsl[0].item() != 0:
+            raise ValueError(f"{_PREFIX}: metadata `query_start_loc` must start at 0, got {qsl[0].item()}")
+        query_lens = qsl[1:] - qsl[:-1]
+        if num_seqs and (query_lens < 0).any():
+            i = int(torch.nonzero(query_lens < 0)[0])
+            raise ValueError(
+                f"{_PREFIX}: metadata `query_start_loc` must be non-decreasing, "
+                f"got {qsl[i].item()} then {qsl[i + 1].item()} at sequence {i}"
+            )
+        if qsl[-1].item() != num_tokens:
+            raise ValueError(
+                f"{_PREFIX}: the sequences' new tokens (query_start_loc[-1] = {qsl[-1].item()}) "
+                f"must add up to the number of tokens ({num_tokens})"
+            )
+        bad = (query_lens > seq_lens) | (seq_lens < 0)
+        if bad.any():
+            i = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"{_PREFIX}: sequence {i} must have 0 <= new tokens <= seq_len, "
+                f"got {query_lens[i].item()} new tokens and seq_len {seq_lens[i].item()}"
+            )
+        if num_seqs:
+            if self.max_query_len < query_lens.max().item():
+                raise ValueError(
+                    f"{_PREFIX}: metadata `max_query_len` ({self.max_query_len}) must be at least "
+                    f"the largest number of new tokens of a sequence ({query_lens.max().item()})"
+                )
+            if self.max_seq_len < seq_lens.max().item():
+                raise ValueError(
+                    f"{_PREFIX}: metadata `max_seq_len` ({self.max_seq_len}) must be at least "
+                    f"the largest `seq_lens` entry ({seq_lens.max().item()})"
+                )
+        if block_size is None:
+            return
+
+        if not _is_int(block_size) or block_size <= 0:
+            raise ValueError(f"{_PREFIX}: `block_size` must be a positive int, got {block_size!r}")
+        table = self.block_table.cpu().long()
+        needed = (seq_lens + block_size - 1) // block_size
+        short = needed > table.shape[1]
+        if short.any():
+            i = int(torch.nonzero(short)[0])
+            raise ValueError(
+                f"{_PREFIX}: metadata `block_table` is too short for sequence {i}: seq_len "
+                f"{seq_lens[i].item()} needs {needed[i].item()} blocks of size {block_size}, "
+                f"but a row has {table.shape[1]}"
+            )
+        if num_blocks is not None and num_seqs:
+            used = torch.arange(table.shape[1]).unsqueeze(0) < needed.unsqueeze(1)
+            out_of_range = used & ((table < 0) | (table >= num_blocks))
+            if out_of_range.any():
+                i, j = (int(v) for v in torch.nonzero(out_of_range)[0])
+                raise ValueError(
+                    f"{_PREFIX}: metadata `block_table[{i}, {j}]` = {table[i, j].item()} is not a "
+                    f"block of the KV cache (it has {num_blocks} blocks)"
+                )
+        slots = self.slot_mapping.cpu()
+        if num_tokens:
+            if num_blocks is not None:
+                n_slots = num_blocks * block_size
+                oob = (slots < 0) | (slots >= n_slots)
+                if oob.any():
+                    t = int(torch.nonzero(oob)[0])
+                    raise ValueError(
+                        f"{_PREFIX}: metadata `slot_mapping[{t}]` = {slots[t].item()} is outside the "
+                        f"KV cache's {n_slots} slots ({num_blocks} blocks of {block_size})"
+                    )
+            seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), query_lens)
+            pos = (
+                seq_lens[seq_of_token]
+                - query_lens[seq_of_token]
+                + (torch.arange(num_tokens) - qsl[:-1][seq_of_token])
+            )
+            expected = table[seq_of_token, pos // block_size] * block_size + pos % block_size
+            wrong = slots != expected
+            if wrong.any():
+                t = int(torch.nonzero(wrong)[0])
+                i = int(seq_of_token[t])
+                raise ValueError(
+                    f"{_PREFIX}: metadata `slot_mapping[{t}]` = {slots[t].item()} disagrees with "
+                    f"`block_table`: token {t} is position {pos[t].item()} of sequence {i}, "
+                    f"which the block table puts in slot {expected[t].item()}"
+                )
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+@dataclasses.dataclass(eq=False)
+class KVCache:
+    """One layer's paged KV cache: ``key_cache``/``value_cache`` ``[num_blocks, block_size, Hkv, D]``.
+
+    >>> cache = KVCache.allocate(num_blocks=8, block_size=16, num_kv_heads=2, head_size=64,
+    ...                          dtype=torch.bfloat16)
+    >>> cache.key_cache.shape
+    torch.Size([8, 16, 2, 64])
+    """
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_size: int
+
+    def __post_init__(self) -> None:
+        for fname in ("key_cache", "value_cache"):
+            t = getattr(self, fname)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{_PREFIX}: KVCache `{fname}` must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(
+                    f"{_PREFIX}: KVCache `{fname}` must be [num_blocks, block_size, num_kv_heads, "
+                    f"head_size], got shape {tuple(t.shape)}"
+                )
+            if t.dtype not in KV_CACHE_DTYPES:
+                raise ValueError(
+                    f"{_PREFIX}: KVCache `{fname}` must have dtype in "
+                    f"({', '.join(map(str, KV_CACHE_DTYPES))}), got {t.dtype}"
+                )
+            # The native backend writes through a flat [slots, Hkv, D] view.
+            if not t.is_contiguous():
+                raise ValueError(f"{_PREFIX}: KVCache `{fname}` must be contiguous")
+        k, v = self.key_cache, self.value_cache
+        if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
+            raise ValueError(
+                f"{_PREFIX}: KVCache `value_cache` must match `key_cache` in shape, dtype and device, "
+                f"got {tuple(v.shape)}/{v.dtype}/{v.device} vs {tuple(k.shape)}/{k.dtype}/{k.device}"
+            )
+        if not _is_int(self.block_size) or self.block_size != k.shape[1]:
+            raise ValueError(
+                f"{_PREFIX}: KVCache `block_size` ({self.block_size!r}) must equal dim 1 of the "
+                f"caches, shape {tuple(k.shape)}"
+            )
+
+    @classmethod
+    def allocate(
+        cls,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: Union[torch.device, str, None] = None,
+    ) -> "KVCache":
+        """A zero-filled cache (zeros, so that unwritten slots read as finite values)."""
+        for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
+                        ("num_kv_heads", num_kv_heads), ("head_size", head_size)):
+            if not _is_int(v) or v <= 0:
+                raise ValueError(f"{_PREFIX}: KVCache.allocate `{name}` must be a positive int, got {v!r}")
+        shape = (num_blocks, block_size, num_kv_heads, head_size)
+        return cls(
+            key_cache=torch.zeros(shape, dtype=dtype, device=device),
+            value_cache=torch.zeros(shape, dtype=dtype, device=device),
+            block_size=block_size,
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.key_cache.shape[0])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.key_cache.shape[2])
+
+    @property
+    def head_size(self) -> int:
+        return int(self.key_cache.shape[3])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.key_cache.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.key_cache.device
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayer:
+    """The static description of one attention layer: its head counts and backend.
+
+    ``num_heads`` query heads share ``num_kv_heads`` key/value heads (grouped-query
+    attention): query head ``h`` uses kv head ``h // (num_heads // num_kv_heads)``.
+
+    >>> from fxfuse.attention import NativeAttentionBackend
+    >>> layer = AttentionLayer("layers.0.attn", num_heads=8, num_kv_heads=2, head_size=64,
+    ...                        backend=NativeAttentionBackend())
+    >>> layer.supports_output_quant("fp8_static")
+    True
+    """
+
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    backend: AttentionBackend
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{_PREFIX}: AttentionLayer `name` must be a non-empty str, got {self.name!r}")
+        for fname in ("num_heads", "num_kv_heads", "head_size"):
+            v = getattr(self, fname)
+            if not _is_int(v) or v <= 0:
+                raise ValueError(
+                    f"{_PREFIX}: layer {self.name!r}: `{fname}` must be a positive int, got {v!r}"
+                )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{_PREFIX}: layer {self.name!r}: `num_heads` ({self.num_heads}) must be a multiple "
+                f"of `num_kv_heads` ({self.num_kv_heads})"
+            )
+        if not isinstance(self.backend, AttentionBackend):
+            raise TypeError(
+                f"{_PREFIX}: layer {self.name!r}: `backend` must be an AttentionBackend instance, "
+                f"got {type(self.backend).__name__}"
+            )
+        self.backend.check()
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def scale(self) -> float:
+        """The softmax scale, ``1 / sqrt(head_size)``."""
+        return 1.0 / math.sqrt(self.head_size)
+
+    def supports_output_quant(self, scheme: str) -> bool:
+        """Whether this layer's backend fuses output quant ``scheme`` (one of
+        ``"none"``, ``"fp8_static"``, ``"nvfp4"``)."""
+        return self.backend.supports_output_quant(scheme)
+
+
+_LAYERS: dict[str, AttentionLayer] = {}
+_LAYERS_LOCK = threading.Lock()
+
+
+def register_layer(layer: AttentionLayer, *, replace: bool = False) -> AttentionLayer:
+    """Add ``layer`` to the process-wide registry under ``layer.name``; returns it.
+
+    Registering an equal layer again (same name, head counts and backend class) is a
+    no-op, so building the same model twice is fine. A *different* layer under a
+    taken name raises ``ValueError`` unless ``replace=True``.
+
+    >>> layer = register_layer(AttentionLayer("layers.0.attn", 8, 2, 64, NativeAttentionBackend()))
+    """
+    if not isinstance(layer, AttentionLayer):
+        raise TypeError(f"{_PREFIX}: register_layer expects an AttentionLayer, got {type(layer).__name__}")
+    with _LAYERS_LOCK:
+        old = _LAYERS.get(layer.name)
+        if old is not None and old != layer and not replace:
+            raise ValueError(
+                f"{_PREFIX}: a different layer is already registered as {layer.name!r} "
+                f"({old}); pass replace=True to replace it"
+            )
+        _LAYERS[layer.name] = layer
+    return layer
+
+
+def get_layer(name: str) -> AttentionLayer:
+    """The registered layer called ``name``; raises :class:`UnknownLayerError` (a ``KeyError``)."""
+    with _LAYERS_LOCK:
+        layer = _LAYERS.get(name)
+        if layer is None:
+            known = sorted(_LAYERS)
+    if layer is None:
+        raise UnknownLayerError(
+            f"{_PREFIX}: no attention layer named {name!r} is registered "
+            f"(registered: {_quoted(known)}); register it with fxfuse.attention.register_layer"
+        )
+    return layer
+
+
+def unregister_layer(name: str) -> AttentionLayer:
+    """Remove and return the layer called ``name``; raises :class:`UnknownLayerError` if absent."""
+    layer = get_layer(name)
+    with _LAYERS_LOCK:
+        _LAYERS.pop(name, None)
+    return layer
+
+
+def registered_layer_names() -> list[str]:
+    """The names of all registered layers, sorted."""
+    with _LAYERS_LOCK:
+        return sorted(_LAYERS)
+
+
+@contextlib.contextmanager
+def temporary_layers(*layers: AttentionLayer) -> Iterator[tuple[AttentionLayer, ...]]:
+    """Register ``layers`` (replacing same-named ones) for the ``with`` block, then restore
+    the registry entries of those names as they were.
+
+    >>> with temporary_layers(AttentionLayer("tmp", 4, 1, 64, NativeAttentionBackend())):
+    ...     get_layer("tmp").num_heads
+    4
+    """
+    with _LAYERS_LOCK:
+        saved = {layer.name: _LAYERS.get(layer.name) for layer in layers}
+    try:
+        for layer in layers:
+            register_layer(layer, replace=True)
+        yield layers
+    finally:
+        with _LAYERS_LOCK:
+            for name, old in saved.items():
+                if old is None:
+                    _LAYERS.pop(name, None)
+                else:
+                    _LAYERS[name] = old
+
+
+# --------------------------------------------------------------------------- forward context
+
+
+@dataclasses.dataclass(eq=False)
+class ForwardContext:
+    """What ``attention`` reads at run time: the batch's metadata and each layer's KV cache."""
+
+    metadata: AttentionMetadata
+    kv_caches: dict[str, KVCache] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metadata, AttentionMetadata):
+            raise TypeError(
+                f"{_PREFIX}: ForwardContext `metadata` must be an AttentionMetadata, "
+                f"got {type(self.metadata).__name__}"
+            )
+        for name, cache in self.kv_caches.items():
+            if not isinstance(cache, KVCache):
+                raise TypeError(
+                    f"{_PREFIX}: ForwardContext `kv_caches[{name!r}]` must be a KVCache, "
+                    f"got {type(cache).__name__}"
+                )
+
+    def kv_cache(self, layer_name: str) -> KVCache:
+        """The KV cache of ``layer_name``; raises :class:`UnknownLayerError` if there is none."""
+        cache = self.kv_caches.get(layer_name)
+        if cache is None:
+            raise UnknownLayerError(
+                f"{_PREFIX}: the forward context has no KV cache for layer {layer_name!r} "
+                f"(it has caches for: {_quoted(sorted(self.kv_caches))})"
+            )
+        return cache
+
+
+_FORWARD_CONTEXT: Optional[ForwardContext] = None
+
+
+@contextlib.contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    """Make ``ctx`` the forward context inside the ``with`` block (nesting restores the outer one).
+
+    Process-wide rather than thread-local, as in production engines: the model runner
+    may set it on one thread and run the compiled model on another.
+    """
+    global _FORWARD_CONTEXT
+    if not isinstance(ctx, ForwardContext):
+        raise TypeError(f"{_PREFIX}: set_forward_context expects a ForwardContext, got {type(ctx).__name__}")
+    previous = _FORWARD_CONTEXT
+    _FORWARD_CONTEXT = ctx
+    try:
+        yield ctx
+    finally:
+        _FORWARD_CONTEXT = previous
+
+
+def get_forward_context() -> ForwardContext:
+    """The current forward context; raises :class:`NoForwardContextError` outside one."""
+    ctx = _FORWARD_CONTEXT
+    if ctx is None:
+        raise NoForwardContextError(
+            f"{_PREFIX}: no forward context is set; run the model inside "
+            "`with fxfuse.attention.set_forward_context(ForwardContext(metadata, kv_caches)):`"
+        )
+    return ctx
+
+
+__all__ = [
+    "AttentionLayer", "AttentionMetadata", "ForwardContext", "KVCache", "KV_CACHE_DTYPES",
+    "NoForwardContextError", "UnknownLayerError", "get_forward_context",
+    "get_layer", "register_layer", "registered_layer_names", "set_forward_context",
+    "temporary_layers", "unregister_layer",
+]
