@@ -36,6 +36,10 @@ from .rewrite import Rewrite, RewriteError, TensorSpec
 aten = torch.ops.aten
 _SHAPE_OPS = frozenset({aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default})
 _SCALAR_KINDS = (bool, int, float, str)
+# Size queries a trace on symbolic shapes adds; they are not uses of the data.
+_SHAPE_QUERIES = frozenset(
+    {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +135,6 @@ class _ToPattern:
 
     def leaf(self, x: Any, target: Any) -> Any:
         if isinstance(x, (list, tuple)):
-            if target in _SHAPE_OPS and all(type(v) is int for v in x):
-                self.ignored_shapes = True
-                return compat.Ignored()
             return type(x)(self.leaf(v, target) for v in x)
         key = (type(x), x)
         if key in self.by_sentinel:
@@ -155,10 +156,19 @@ class _ToPattern:
                 if arg.kind is torch.Tensor:  # scalars are traced in as literals instead
                     self.used.add(arg.name)
             elif node.op == "call_function":
-                conv = lambda v, t=node.target: env[v] if isinstance(v, torch.fx.Node) else self.leaf(v, t)  # noqa: E731
+                if node.target in _SHAPE_QUERIES:
+                    continue
+                conv = lambda v, t=node.target: (  # noqa: E731 - dropped size queries read as "any"
+                    env.get(v, compat.Ignored()) if isinstance(v, torch.fx.Node) else self.leaf(v, t)
+                )
                 args = tuple(_map(conv, a) for a in node.args)
+                if node.target in _SHAPE_OPS and len(args) > 1:
+                    # Sizes differ from the examples and may be symbolic: verified, not matched.
+                    self.ignored_shapes = True
+                    args = (args[0], compat.Ignored(), *args[2:])
                 kwargs = {k: _map(conv, v) for k, v in node.kwargs.items()}
-                expr = compat.CallFunction(node.target, *args, _users=len(node.users), **kwargs)
+                users = sum(1 for u in node.users if u.target not in _SHAPE_QUERIES)
+                expr = compat.CallFunction(node.target, *args, _users=users, **kwargs)
                 env[node] = expr
             elif node.op == "output":
                 out = node.args[0]

@@ -44,7 +44,8 @@ class AttentionStaticFp8Quant(Rewrite):
         return fx.static_scaled_fp8_quant(_flat(out), s)
 
     def replacement(self, q, k, v, out, s, layer_name):
-        out_fp8 = torch.empty(out.shape, dtype=FP8, device=out.device)
+        # Sizes from q (alive anyway), so the model-dtype buffer `out` has no user left.
+        out_fp8 = torch.empty(q.shape, dtype=FP8, device=q.device)
         fx.attention(q, k, v, out_fp8, layer_name, s)
         return _flat(out_fp8)
 
@@ -67,10 +68,10 @@ class AttentionNvfp4Quant(Rewrite):
         return fx.nvfp4_quant(_flat(out), global_scale)
 
     def replacement(self, q, k, v, out, global_scale, layer_name):
-        tokens, width = out.shape[0], out.shape[1] * out.shape[2]
-        packed = torch.empty((tokens, width // 2), dtype=torch.uint8, device=out.device)
+        tokens, width = q.shape[0], q.shape[1] * q.shape[2]  # from q: `out` must become dead
+        packed = torch.empty((tokens, width // 2), dtype=torch.uint8, device=q.device)
         block_scales = torch.empty(
-            ((tokens + 127) // 128 * 128, (width // 16 + 3) // 4 * 4), dtype=FP8, device=out.device
+            ((tokens + 127) // 128 * 128, (width // 16 + 3) // 4 * 4), dtype=FP8, device=q.device
         )
         fx.attention(q, k, v, packed, layer_name, global_scale, block_scales)
         return packed, block_scales

@@ -33,6 +33,10 @@ def _is_full_slice(node: torch.fx.Node) -> bool:
     val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor) or step != 1 or start not in (None, 0):
         return False
+    if isinstance(end, torch.fx.Node):  # a symbolic bound: its value lives in the meta
+        end = end.meta.get("val")
+        if not isinstance(end, (int, torch.SymInt)):
+            return False
     size = val.shape[dim]
     return end is None or statically_known_true(end >= size)
 
