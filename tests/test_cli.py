@@ -8,16 +8,19 @@ from fxfuse.cli import main
 
 
 @pytest.mark.compile
-def test_demo_reports_expected_matches_and_identical_tokens(tmp_path, capsys):
+@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
+def test_demo_reports_expected_matches_and_identical_tokens(quant, tmp_path, capsys):
+    # Ragged prompts, KV-cache decode, dynamic token count: the path an engine takes.
     out = tmp_path / "demo.json"
-    assert main(["demo", "--layers", "2", "--new-tokens", "4", "--json", str(out)]) == 0
+    assert main(["demo", "--layers", "2", "--quant", quant, "--new-tokens", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     table = result["match_table"]
     assert sum(table["rms_quant_fusion"].values()) == 4
-    assert sum(table["act_quant_fusion"].values()) == 2
+    assert table["act_quant_fusion"] == {"SiluMulStaticFp8Quant" if quant == "fp8" else "SiluMulNvfp4Quant": 2}
+    assert table["attn_quant_fusion"] == {"AttentionStaticFp8Quant" if quant == "fp8" else "AttentionNvfp4Quant": 2}
     assert result["max_abs_diff"] == 0.0
     assert result["tokens_fused"] == result["tokens_unfused"]
-    assert len(result["tokens_fused"]) == 2 and len(result["tokens_fused"][0]) == 4
+    assert len(result["tokens_fused"]) == 3 and len(result["tokens_fused"][0]) == 4
     printed = capsys.readouterr().out
     assert "rms_quant_fusion" in printed and "greedy tokens identical: yes" in printed
 
@@ -43,6 +46,7 @@ def test_explain_reports_each_fusion_site(capsys):
     matched = sorted(line.split(" [")[0] for line in lines if line.endswith("MATCH"))
     assert matched == [
         "act_quant_fusion/SiluMulStaticFp8Quant",
+        "attn_quant_fusion/AttentionStaticFp8Quant",
         "rms_quant_fusion/FusedAddRmsNormStaticFp8Quant",
         "rms_quant_fusion/RmsNormStaticFp8Quant",
     ]

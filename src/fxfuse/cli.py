@@ -19,15 +19,17 @@ def _model(args: argparse.Namespace):
     from .models import LlamaForCausalLM, ModelConfig, random_prompts
 
     overrides = {"num_layers": args.layers} if args.layers is not None else {}
-    cfg = ModelConfig.preset(args.preset, **overrides)
-    model = LlamaForCausalLM(cfg, device=args.device)
-    ids = random_prompts(cfg, batch=args.batch, seq_len=args.prompt_len, seed=args.seed, device=args.device)
-    return cfg, model, ids
+    cfg = ModelConfig.preset(args.preset, quant=args.quant, **overrides)
+    model = LlamaForCausalLM(cfg, device=args.device, attention_backend=args.attention_backend)
+    # Ragged on purpose: one batch mixes sequences of different lengths.
+    lengths = [max(1, args.prompt_len - 3 * i) for i in range(args.batch)]
+    prompts = random_prompts(cfg, lengths=lengths, seed=args.seed)
+    return cfg, model, prompts
 
 
 def expected_matches(num_layers: int) -> dict[str, int]:
-    """What DESIGN §6 promises for a reference model of ``num_layers`` layers."""
-    return {"rms_quant_fusion": 2 * num_layers, "act_quant_fusion": num_layers}
+    """What DESIGN §6 promises for a reference model of ``num_layers`` layers (fp8 and nvfp4)."""
+    return {"rms_quant_fusion": 2 * num_layers, "act_quant_fusion": num_layers, "attn_quant_fusion": num_layers}
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -36,23 +38,23 @@ def demo(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fxfuse demo: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    cfg, model, ids = _model(args)
+    cfg, model, prompts = _model(args)
     t0 = time.perf_counter()
     passes = fxfuse.default_passes()
     register_s = time.perf_counter() - t0
     manager = fxfuse.PassManager(passes)
 
     print(f"fxfuse demo: {args.preset} Llama, {cfg.num_layers} layers, {args.quant}, {args.device}, "
-          f"torch {torch.__version__}; batch {args.batch} x {args.prompt_len} tokens, {args.new_tokens} new")
+          f"torch {torch.__version__}; prompts of {[len(p) for p in prompts]} tokens, {args.new_tokens} new each")
     print(f"\npipeline (registered in {register_s * 1e3:.0f} ms):")
     for i, line in enumerate(manager.describe(), 1):
         print(f"  {i}. {line}")
 
     torch._dynamo.reset()
-    unfused = run(model, torch.compile(model, fullgraph=True), ids, args.new_tokens)
+    unfused = run(model, torch.compile(model, fullgraph=True), prompts, args.new_tokens)
     torch._dynamo.reset()
     fxfuse.reset_match_table()
-    fused = run(model, fxfuse.compile(model, passes=manager, fullgraph=True), ids, args.new_tokens)
+    fused = run(model, fxfuse.compile(model, passes=manager, fullgraph=True), prompts, args.new_tokens)
     table = fxfuse.match_table()
 
     want = expected_matches(cfg.num_layers)
@@ -123,12 +125,13 @@ def patterns(args: argparse.Namespace) -> int:
 
 
 def explain_cmd(args: argparse.Namespace) -> int:
-    _, model, ids = _model(args)
+    from .models import ModelRunner
+
+    _, model, prompts = _model(args)
     passes = fxfuse.default_passes()
-    with torch.no_grad():
-        gm = fxfuse.capture_post_grad_graph(model, ids)
-    report = fxfuse.explain(gm, passes, rewrite=args.rewrite)
-    print(report)
+    with torch.no_grad(), ModelRunner(model).prefill_context(prompts) as (input_ids, positions):
+        gm = fxfuse.capture_post_grad_graph(model, input_ids, positions)
+    print(fxfuse.explain(gm, passes, rewrite=args.rewrite))
     return 0
 
 
@@ -136,8 +139,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="number of decoder layers (default: the preset's)")
     p.add_argument("--preset", default="tiny", help="model preset: tiny (CPU, seconds) or llama3-8b")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--quant", choices=["fp8"], default="fp8", help="activation quantization (nvfp4 comes with the attention work)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--quant", choices=["fp8", "nvfp4"], default="fp8", help="activations into o_proj/down_proj: fp8 or nvfp4")
+    p.add_argument("--attention-backend", default="native", help="attention backend of every layer: native or native-noquant")
+    p.add_argument("--batch", type=int, default=3, help="number of prompts (ragged lengths)")
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
 

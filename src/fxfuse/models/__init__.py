@@ -2,16 +2,21 @@
 
 Example:
     >>> import torch
-    >>> from fxfuse.models import LlamaForCausalLM, ModelConfig, generate, random_prompts
+    >>> from fxfuse.models import LlamaForCausalLM, ModelConfig, ModelRunner, random_prompts
     >>> cfg = ModelConfig.preset("tiny")
     >>> model = LlamaForCausalLM(cfg)
-    >>> ids = random_prompts(cfg, batch=2, seq_len=8, seed=0)
-    >>> generate(torch.compile(model, fullgraph=True), ids, max_new_tokens=4).shape
-    torch.Size([2, 4])
+    >>> prompts = random_prompts(cfg, lengths=[8, 5, 11], seed=0)
+    >>> runner = ModelRunner(model, torch.compile(model, fullgraph=True))
+    >>> [len(t) for t in runner.generate(prompts, max_new_tokens=4)]
+    [4, 4, 4]
 """
 
-from .config import PRESETS, ModelConfig
-from .llama import LlamaForCausalLM
-from .runner import RunResult, generate, random_prompts, run
+from .config import PRESETS, QUANT_SCHEMES, ModelConfig
+from .llama import ATTENTION_BACKENDS, Fp8Linear, LlamaForCausalLM, Nvfp4Linear, resolve_attention_backend
+from .runner import ModelRunner, RunResult, generate, pack_prompts, random_prompts, run
 
-__all__ = ["ModelConfig", "PRESETS", "LlamaForCausalLM", "generate", "random_prompts", "run", "RunResult"]
+__all__ = [
+    "ModelConfig", "PRESETS", "QUANT_SCHEMES",
+    "LlamaForCausalLM", "Fp8Linear", "Nvfp4Linear", "ATTENTION_BACKENDS", "resolve_attention_backend",
+    "ModelRunner", "RunResult", "generate", "pack_prompts", "random_prompts", "run",
+]

@@ -14,8 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-#: Quantization schemes the model can be built with.
-QUANT_SCHEMES = frozenset({"fp8"})
+#: Quantization schemes the model can be built with: ``"fp8"`` (static FP8 activations
+#: into every linear) and ``"nvfp4"`` (FP8 into QKV and gate/up; NVFP4 activations and
+#: weights, emulated, into the output and down projections).
+QUANT_SCHEMES = frozenset({"fp8", "nvfp4"})
+
+#: NVFP4 quantizes blocks of this many elements along the reduction dimension.
+_NVFP4_BLOCK = 16
 
 #: Activation dtypes the fxfuse ops accept.
 MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -36,8 +41,13 @@ class ModelConfig:
     """Shape and numerics of a Llama-style decoder; validated on construction.
 
     ``dtype`` is the activation/weight dtype outside the FP8 GEMMs; ``seed`` fixes the
-    random weights; ``quant`` names the linear-layer quantization scheme (only
-    ``"fp8"``: per-tensor FP8 weights and static per-tensor FP8 activations).
+    random weights; ``quant`` names the linear-layer quantization scheme:
+
+    - ``"fp8"``: per-tensor FP8 weights and static per-tensor FP8 activations everywhere;
+    - ``"nvfp4"``: the QKV and gate/up projections as in ``"fp8"``; the output and down
+      projections take NVFP4 activations (static global scale, 16-element E4M3 block
+      scales) and NVFP4 weights, multiplied in fp32 after dequantization (emulated
+      W4A4). Needs ``num_heads * head_dim`` and ``intermediate_size`` to be multiples of 16.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
@@ -95,6 +105,13 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.quant must be one of {sorted(QUANT_SCHEMES)}, got {self.quant!r}"
             )
+        if self.quant == "nvfp4":
+            for name, width in (("intermediate_size", self.intermediate_size), ("hidden_size", self.q_size)):
+                if width % _NVFP4_BLOCK != 0:
+                    raise ValueError(
+                        f"ModelConfig.{name} ({width}) must be a multiple of {_NVFP4_BLOCK} for "
+                        f"quant='nvfp4' (NVFP4 quantizes {_NVFP4_BLOCK}-element blocks)"
+                    )
 
     @property
     def q_size(self) -> int:

@@ -1,37 +1,59 @@
-"""A Llama-style FP8 decoder built from ``torch.ops.fxfuse.*``, with seeded random weights.
+"""A Llama-style quantized decoder built from ``torch.ops.fxfuse.*``, with seeded random weights.
 
 The model exists to exercise the fusion passes end to end, so its graph shape is a
-contract: every decoder layer contains exactly
+contract. Every decoder layer contains exactly
 
 - two "RMS norm -> ``static_scaled_fp8_quant``" chains (before the QKV and the gate/up
   projections; the norm is ``rms_norm`` in layer 0 and ``fused_add_rms_norm`` after),
-- one "``silu_and_mul`` -> ``static_scaled_fp8_quant``" chain (before the down projection),
-- one "attention output -> ``static_scaled_fp8_quant``" (before the output projection),
+- one "``silu_and_mul`` -> quant" chain (before the down projection),
+- one "``attention`` -> ``view`` -> quant" chain (before the output projection),
 
-and nothing else quantizes. The final norm is not followed by a quant (the LM head is
-a plain matmul in the model dtype). For ``n`` layers a norm-quant fusion therefore
-matches ``2n`` times and a silu-quant fusion ``n`` times.
+where "quant" is ``static_scaled_fp8_quant`` with ``quant="fp8"`` and ``nvfp4_quant``
+with ``quant="nvfp4"``; nothing else quantizes. The final norm is not followed by a
+quant (the LM head is a plain matmul in the model dtype). For ``n`` layers the norm-quant
+fusion therefore matches ``2n`` times and the activation- and attention-quant fusions
+``n`` times each.
+
+Attention is ``torch.ops.fxfuse.attention`` over a paged KV cache: the forward takes a
+flat batch of tokens (``input_ids [T]``, ``positions [T]``) and must run inside a forward
+context (see :class:`~fxfuse.models.ModelRunner`). Each layer registers its
+:class:`~fxfuse.attention.AttentionLayer` when the model is built; see
+:class:`LlamaForCausalLM` for the naming rule.
 
 Example:
     >>> import torch
-    >>> from fxfuse.models import LlamaForCausalLM, ModelConfig
+    >>> from fxfuse.models import LlamaForCausalLM, ModelConfig, ModelRunner
     >>> model = LlamaForCausalLM(ModelConfig.preset("tiny"))
-    >>> logits = model(torch.tensor([[1, 2, 3, 4]]))
-    >>> logits.shape
-    torch.Size([1, 4, 256])
+    >>> model.attention_layer_names
+    ['model.layers.0.self_attn', 'model.layers.1.self_attn']
+    >>> ModelRunner(model).logits([[1, 2, 3, 4], [5, 6]]).shape
+    torch.Size([6, 256])
 """
 
 from __future__ import annotations
 
-from typing import Union
+import threading
+import weakref
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 import fxfuse.ops  # noqa: F401  (registers torch.ops.fxfuse.*)
+from fxfuse.attention import (
+    AttentionBackend,
+    AttentionLayer,
+    NativeAttentionBackend,
+    NoQuantNativeBackend,
+    get_layer,
+    register_layer,
+    registered_layer_names,
+    unregister_layer,
+)
+from fxfuse.ops.nvfp4 import E2M1_MAX, nvfp4_dequantize
 
 from .config import ModelConfig
-from .runner import random_prompts
+from .runner import ModelRunner, Prompts, random_prompts
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -40,15 +62,100 @@ MIN_CALIBRATION_AMAX = 1e-6
 
 # How a forward treats its linear layers (a Python constant, so a compiled forward
 # specializes on it and contains no branch).
-_FP8 = "fp8"  # static FP8 quant + fp8_linear: the real model
-_CALIBRATE = "calibrate"  # like _FP8, but first set each site's scale from its input's amax
+_QUANT = "quant"  # static FP8 / NVFP4 activation quant: the real model
+_CALIBRATE = "calibrate"  # like _QUANT, but first set each site's scale from its input's amax
 _REFERENCE = "reference"  # no activation quant: matmul with the dequantized weights
 
-#: Calibration prompt shape; small so that building even the 8B preset stays cheap.
-_CALIBRATION_BATCH = 2
-_CALIBRATION_SEQ = 32
+#: Calibration prompt lengths; small so that building even the 8B preset stays cheap.
+_CALIBRATION_LENGTHS = (32, 24)
 
 _fx = torch.ops.fxfuse
+
+#: Attention backends by the name ``LlamaForCausalLM(attention_backend=...)`` takes.
+#: Other :class:`~fxfuse.attention.AttentionBackend` subclasses are found by their ``name``.
+ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
+    "native": NativeAttentionBackend,
+    "native-noquant": NoQuantNativeBackend,
+}
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def resolve_attention_backend(backend: Union[str, AttentionBackend]) -> AttentionBackend:
+    """An attention backend instance from a name (``"native"``, ``"native-noquant"``, or the
+    ``name`` of any imported :class:`~fxfuse.attention.AttentionBackend` subclass) or an instance.
+
+    Example:
+        >>> resolve_attention_backend("native-noquant").supports_output_quant("fp8_static")
+        False
+    """
+    if isinstance(backend, AttentionBackend):
+        return backend
+    if isinstance(backend, str):
+        cls = ATTENTION_BACKENDS.get(backend)
+        if cls is None:
+            found = [c for c in _all_subclasses(AttentionBackend) if getattr(c, "name", None) == backend]
+            cls = found[0] if found else None
+        if cls is not None:
+            return cls()
+    known = sorted(set(ATTENTION_BACKENDS) | {
+        c.name for c in _all_subclasses(AttentionBackend) if isinstance(getattr(c, "name", None), str)
+    })
+    raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(known)}")
+
+
+# --------------------------------------------------------------------------- layer names
+
+_PREFIX_LOCK = threading.Lock()
+_CLAIMED_PREFIXES: set[str] = set()
+
+
+def _prefix_free(prefix: str, registered: Sequence[str]) -> bool:
+    return prefix not in _CLAIMED_PREFIXES and not any(n.startswith(prefix + ".") for n in registered)
+
+
+def _claim_prefix(requested: Optional[str]) -> str:
+    """The instance prefix of a new model's layer names (see :class:`LlamaForCausalLM`)."""
+    with _PREFIX_LOCK:
+        registered = registered_layer_names()
+        if requested is not None:
+            if not isinstance(requested, str) or not requested or requested.endswith("."):
+                raise ValueError(f"LlamaForCausalLM: layer_prefix must be a non-empty str without a trailing '.', "
+                                 f"got {requested!r}")
+            if not _prefix_free(requested, registered):
+                raise ValueError(
+                    f"LlamaForCausalLM: layer_prefix {requested!r} is in use by another model or "
+                    f"registered layer; close() that model first or pick another prefix"
+                )
+            prefix = requested
+        else:
+            k = 0
+            while not _prefix_free(prefix := ("model" if k == 0 else f"model_{k}"), registered):
+                k += 1
+        _CLAIMED_PREFIXES.add(prefix)
+        return prefix
+
+
+def _release_layers(prefix: str, layers: tuple[AttentionLayer, ...]) -> None:
+    """Unregister ``layers`` (only where the registry still holds these very objects) and free ``prefix``."""
+    for layer in layers:
+        try:
+            current = get_layer(layer.name)
+        except KeyError:
+            continue
+        if current is layer:
+            try:
+                unregister_layer(layer.name)
+            except KeyError:
+                pass
+    with _PREFIX_LOCK:
+        _CLAIMED_PREFIXES.discard(prefix)
 
 
 class Fp8Linear(torch.nn.Module):
@@ -106,10 +213,10 @@ class Fp8Linear(torch.nn.Module):
         """
         return self.weight_q.float() * self.weight_scale
 
-    def forward(self, x: torch.Tensor, mode: str = _FP8) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mode: str = _QUANT) -> torch.Tensor:
         """``x [tokens, in]`` (contiguous, in the model dtype) -> ``[tokens, out]`` in ``out_dtype``.
 
-        ``mode`` is ``"fp8"`` (default), ``"calibrate"`` (set ``input_scale`` from ``x``
+        ``mode`` is ``"quant"`` (default), ``"calibrate"`` (set ``input_scale`` from ``x``
         first) or ``"reference"`` (no activation quant; dequantized weight).
 
         Example:
@@ -120,10 +227,83 @@ class Fp8Linear(torch.nn.Module):
         if mode == _CALIBRATE:
             amax = x.abs().amax().float().clamp(min=MIN_CALIBRATION_AMAX)
             self.input_scale.copy_((amax / FP8_MAX).reshape(1))
-        elif mode != _FP8:
+        elif mode != _QUANT:
             raise ValueError(f"Fp8Linear: unknown mode {mode!r}")
         x_q = _fx.static_scaled_fp8_quant(x, self.input_scale)
         return _fx.fp8_linear(x_q, self.weight_q, self.input_scale, self.weight_scale, None, self.out_dtype)
+
+
+class Nvfp4Linear(torch.nn.Module):
+    """A bias-free linear layer with NVFP4 weight and input, emulated: dequantize, then an fp32 matmul.
+
+    ``forward(x)`` is ``q, s = nvfp4_quant(x, input_global_scale)`` followed by
+    ``nvfp4_dequantize(q, s, input_global_scale) @ W.T`` in fp32, rounded to ``out_dtype``.
+    The weight is quantized to NVFP4 once at construction (``weight_q``,
+    ``weight_block_scales``, ``weight_global_scale = 448 * 6 / amax``) and ``W`` is its
+    dequantization, kept as the fp32 buffer ``weight_dequant`` so that a forward does not
+    dequantize the weight again: exactly what a W4A4 NVFP4 GEMM multiplies, computed
+    the slow way (no FP4 tensor cores are needed, so it runs on any device).
+    ``input_global_scale = 448 * 6 / amax(x)`` is set by calibration.
+
+    Example:
+        >>> lin = Nvfp4Linear(torch.randn(32, 64, dtype=torch.bfloat16), out_dtype=torch.bfloat16)
+        >>> lin(torch.randn(4, 64, dtype=torch.bfloat16), mode="calibrate").shape
+        torch.Size([4, 32])
+    """
+
+    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_dtype = out_dtype
+        weight = weight.contiguous()
+        amax = weight.abs().amax().float().clamp(min=MIN_CALIBRATION_AMAX)
+        weight_global_scale = (FP8_MAX * E2M1_MAX / amax).reshape(1)
+        weight_q, weight_block_scales = _fx.nvfp4_quant(weight, weight_global_scale)
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("weight_block_scales", weight_block_scales)
+        self.register_buffer("weight_global_scale", weight_global_scale)
+        self.register_buffer(
+            "weight_dequant",
+            nvfp4_dequantize(weight_q, weight_block_scales, weight_global_scale, weight.shape, torch.float32),
+        )
+        # Placeholder until calibrate() runs; 1.0 keeps an uncalibrated forward finite.
+        self.register_buffer("input_global_scale", torch.ones(1, dtype=torch.float32, device=weight.device))
+
+    @property
+    def in_features(self) -> int:
+        """Width of the input."""
+        return self.weight_dequant.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output."""
+        return self.weight_dequant.shape[0]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The NVFP4 weight dequantized, in fp32: what the emulated GEMM multiplies by.
+
+        Example:
+            >>> w = torch.randn(16, 32)
+            >>> ((Nvfp4Linear(w, torch.float32).dequantized_weight() - w).norm() / w.norm()) < 0.15
+            tensor(True)
+        """
+        return self.weight_dequant
+
+    def forward(self, x: torch.Tensor, mode: str = _QUANT) -> torch.Tensor:
+        """``x [tokens, in]`` (contiguous, in the model dtype) -> ``[tokens, out]`` in ``out_dtype``.
+
+        ``mode`` is ``"quant"`` (default), ``"calibrate"`` (set ``input_global_scale`` from
+        ``x`` first) or ``"reference"`` (no activation quant; dequantized weight).
+        """
+        if mode == _REFERENCE:
+            return (x.float() @ self.weight_dequant.t()).to(self.out_dtype)
+        if mode == _CALIBRATE:
+            amax = x.abs().amax().float().clamp(min=MIN_CALIBRATION_AMAX)
+            self.input_global_scale.copy_((FP8_MAX * E2M1_MAX / amax).reshape(1))
+        elif mode != _QUANT:
+            raise ValueError(f"Nvfp4Linear: unknown mode {mode!r}")
+        q, block_scales = _fx.nvfp4_quant(x, self.input_global_scale)
+        x_dq = nvfp4_dequantize(q, block_scales, self.input_global_scale, x.shape, torch.float32)
+        return (x_dq @ self.weight_dequant.t()).to(self.out_dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -162,14 +342,34 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
     return emb.cos(), emb.sin()
 
 
-class LlamaDecoderLayer(torch.nn.Module):
-    """One pre-norm decoder layer: attention and a SwiGLU MLP, FP8 linears, GQA.
+def _reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: Sequence[int]
+) -> torch.Tensor:
+    """Causal GQA attention of whole sequences without a KV cache: plain SDPA per sequence.
 
-    Built by :class:`LlamaForCausalLM`, which passes the running residual between layers.
+    ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]`` hold the concatenated sequences of
+    ``query_lens``; computed in fp32 and rounded to ``q.dtype`` once (as the native
+    paged backend does). Returns ``[T, Hq, D]``.
+    """
+    outs = []
+    start = 0
+    for n in query_lens:
+        qi, ki, vi = (t[start : start + n].float().transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+        outs.append(o.transpose(0, 1))
+        start += n
+    return torch.cat(outs, dim=0).to(q.dtype)
+
+
+class LlamaDecoderLayer(torch.nn.Module):
+    """One pre-norm decoder layer: paged attention and a SwiGLU MLP, quantized linears, GQA.
+
+    Built by :class:`LlamaForCausalLM`, which names its attention layer (``layer_name``)
+    and passes the running residual between layers.
 
     Example:
         >>> layer = model.layers[0]
-        >>> h, residual = layer(x, None, cos, sin, batch=1, seq=4)  # x: [4, hidden]
+        >>> h, residual = layer(x, None, cos, sin)  # x: [tokens, hidden], inside a forward context
     """
 
     def __init__(
@@ -178,15 +378,21 @@ class LlamaDecoderLayer(torch.nn.Module):
         layer_idx: int,
         gen: torch.Generator,
         device: torch.device,
+        layer_name: str,
     ) -> None:
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.layer_name = layer_name
         c = config
         dt = c.dtype
 
         def randn(*shape: int, std: float) -> torch.Tensor:
             return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std).to(dt)
+
+        # The linears whose inputs the fusions under test quantize (attention output,
+        # SiLU-and-mul output) are NVFP4 in the "nvfp4" scheme; QKV and gate/up stay FP8.
+        resid_linear = Nvfp4Linear if c.quant == "nvfp4" else Fp8Linear
 
         # Fan-in scaling keeps every projection's output near unit RMS for any preset;
         # the residual-writing projections (o, down) are shrunk further so the residual
@@ -195,40 +401,35 @@ class LlamaDecoderLayer(torch.nn.Module):
         resid_std = (2 * c.num_layers) ** -0.5
         self.register_buffer("input_norm_weight", (1.0 + randn(c.hidden_size, std=0.05)).to(dt))
         self.qkv_proj = Fp8Linear(randn(c.q_size + 2 * c.kv_size, c.hidden_size, std=in_std), dt)
-        self.o_proj = Fp8Linear(randn(c.hidden_size, c.q_size, std=c.q_size**-0.5 * resid_std), dt)
+        self.o_proj = resid_linear(randn(c.hidden_size, c.q_size, std=c.q_size**-0.5 * resid_std), dt)
         self.register_buffer("post_attention_norm_weight", (1.0 + randn(c.hidden_size, std=0.05)).to(dt))
         # Gate rows first, then up rows: silu_and_mul reads [gate | up] along the last dim.
         self.gate_up_proj = Fp8Linear(randn(2 * c.intermediate_size, c.hidden_size, std=in_std), dt)
-        self.down_proj = Fp8Linear(
+        self.down_proj = resid_linear(
             randn(c.hidden_size, c.intermediate_size, std=c.intermediate_size**-0.5 * resid_std), dt
         )
 
     def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, seq: int
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mode: str,
+        query_lens: Optional[Sequence[int]],
     ) -> torch.Tensor:
-        """Causal GQA attention over token-major ``q [tokens, heads, d]``, ``k``/``v [tokens, kv_heads, d]``.
+        """Attention of ``q [T, Hq, D]`` over ``k``/``v [T, Hkv, D]`` -> ``[T, Hq * D]``.
 
-        Returns ``[tokens, heads * d]``, contiguous. This is the placeholder that a paged
-        KV-cache attention op replaces; it takes the token-major layout such an op uses.
-
-        Example:
-            >>> out = layer._attention(q, k, v, batch=1, seq=4)  # [4, hidden]
+        The paged ``fxfuse::attention`` op (K/V written to and read from this layer's
+        cache in the forward context); in ``"reference"`` mode per-sequence SDPA of the
+        whole sequences ``query_lens`` instead, with no cache.
         """
         c = self.config
-
-        def to_bhsd(t: torch.Tensor, heads: int) -> torch.Tensor:
-            return t.reshape(batch, seq, heads, c.head_dim).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(
-            to_bhsd(q, c.num_heads),
-            to_bhsd(k, c.num_kv_heads),
-            to_bhsd(v, c.num_kv_heads),
-            is_causal=True,
-            enable_gqa=True,
-        )
-        # The quant op that consumes this needs a contiguous input; whether the reshape
-        # copies depends on the SDPA backend's output layout, so make it explicit.
-        return out.transpose(1, 2).reshape(batch * seq, c.q_size).contiguous()
+        tokens = q.shape[0]
+        if mode == _REFERENCE:
+            return _reference_attention(q, k, v, query_lens).reshape(tokens, c.q_size)
+        out = torch.empty(tokens, c.num_heads, c.head_dim, dtype=q.dtype, device=q.device)
+        _fx.attention(q, k, v, out, self.layer_name)
+        return out.view(tokens, c.num_heads * c.head_dim)
 
     def forward(
         self,
@@ -236,17 +437,17 @@ class LlamaDecoderLayer(torch.nn.Module):
         residual: Union[torch.Tensor, None],
         cos: torch.Tensor,
         sin: torch.Tensor,
-        batch: int,
-        seq: int,
-        mode: str = _FP8,
+        mode: str = _QUANT,
+        query_lens: Optional[Sequence[int]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [tokens, hidden]`` and the residual so far (``None`` in layer 0) -> ``(x, residual)``.
 
         The returned ``x`` is the MLP output; it is added to ``residual`` by the next
-        layer's (or the final) ``fused_add_rms_norm``.
+        layer's (or the final) ``fused_add_rms_norm``. ``query_lens`` (the whole
+        sequences in the batch) is used, and needed, only by ``mode="reference"``.
 
         Example:
-            >>> x, residual = layer(x, residual, cos, sin, batch=2, seq=8)
+            >>> x, residual = layer(x, residual, cos, sin)
         """
         c = self.config
         if residual is None:
@@ -260,8 +461,9 @@ class LlamaDecoderLayer(torch.nn.Module):
         tokens = q.shape[0]
         q = apply_rotary(q.reshape(tokens, c.num_heads, c.head_dim), cos, sin)
         k = apply_rotary(k.reshape(tokens, c.num_kv_heads, c.head_dim), cos, sin)
-        v = v.reshape(tokens, c.num_kv_heads, c.head_dim)
-        attn = self._attention(q, k, v, batch, seq)
+        # The split leaves v strided inside qkv; kernels get a dense [T, Hkv, D].
+        v = v.reshape(tokens, c.num_kv_heads, c.head_dim).contiguous()
+        attn = self._attention(q, k, v, mode, query_lens)
         x = self.o_proj(attn, mode)
 
         h, residual = _fx.fused_add_rms_norm(x, residual, self.post_attention_norm_weight, c.rms_eps)
@@ -270,48 +472,101 @@ class LlamaDecoderLayer(torch.nn.Module):
         return x, residual
 
 
+def _whole_sequence_lens(positions: torch.Tensor) -> list[int]:
+    """Lengths of the whole sequences a flat ``positions`` batch holds (each restarts at 0)."""
+    pos = positions.tolist()
+    if not pos or pos[0] != 0:
+        raise ValueError("LlamaForCausalLM.forward_reference: positions must be whole sequences, each 0, 1, ..., n-1")
+    lens: list[int] = []
+    for p in pos:
+        if p == 0:
+            lens.append(1)
+        elif p == lens[-1]:
+            lens[-1] += 1
+        else:
+            raise ValueError(
+                "LlamaForCausalLM.forward_reference: positions must be whole sequences, each 0, 1, ..., n-1 "
+                "(the reference has no KV cache, so it cannot continue a sequence)"
+            )
+    return lens
+
+
 class LlamaForCausalLM(torch.nn.Module):
-    """Llama-style causal LM with random FP8 weights from ``config.seed``; ready to run once built.
+    """Llama-style causal LM with random quantized weights from ``config.seed``; ready to run once built.
 
     Weights are drawn from a ``torch.Generator`` on ``device`` seeded with ``config.seed``,
     so the same config on the same device type gives the same model in every process.
-    The constructor calibrates the static activation scales on a fixed random prompt.
-    Everything is a buffer (no parameters): the model is inference-only.
+    The constructor calibrates the static activation scales on a fixed random prompt
+    batch. Everything is a buffer (no parameters): the model is inference-only.
 
-    ``forward(input_ids [batch, seq]) -> logits [batch, seq, vocab]`` in ``config.dtype``
-    is a full causal forward (no KV cache) and compiles with ``fullgraph=True``.
+    ``forward(input_ids [T], positions [T]) -> logits [T, vocab]`` in ``config.dtype``
+    runs a flat batch of new tokens (all sequences concatenated) and compiles with
+    ``fullgraph=True``. Attention reads the batch layout and the KV caches from the
+    forward context, so call it through :class:`~fxfuse.models.ModelRunner` (or inside
+    ``fxfuse.attention.set_forward_context``); outside one the attention op raises
+    :class:`~fxfuse.attention.NoForwardContextError`.
+
+    **Attention layers.** Construction registers one
+    :class:`~fxfuse.attention.AttentionLayer` per decoder layer, with the backend
+    ``attention_backend`` (``"native"``, ``"native-noquant"``, another backend's name, or
+    an instance), named ``f"{prefix}.layers.{i}.self_attn"``. The prefix is
+    ``layer_prefix`` if given (it must be free), else the first free one of ``"model"``,
+    ``"model_1"``, ``"model_2"``, ...; a prefix is free when no live model holds it and no
+    registered layer name starts with it. So the first model of a process is
+    ``model.layers.{i}.self_attn``, a second one alive at the same time
+    ``model_1.layers.{i}.self_attn``, and so on; names are freed by :meth:`close` or
+    when the model is garbage-collected (whichever comes first), and then reused.
 
     Example:
         >>> model = LlamaForCausalLM(ModelConfig.preset("tiny", num_layers=3))
-        >>> ids = torch.randint(0, 256, (2, 8))
-        >>> model(ids).shape
-        torch.Size([2, 8, 256])
+        >>> model.attention_layer_names[0]
+        'model.layers.0.self_attn'
         >>> compiled = torch.compile(model, fullgraph=True)
+        >>> ModelRunner(model, compiled).generate([[1, 2, 3], [4, 5]], max_new_tokens=4)
     """
 
-    def __init__(self, config: ModelConfig, device: Union[str, torch.device] = "cpu") -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: Union[str, torch.device] = "cpu",
+        attention_backend: Union[str, AttentionBackend] = "native",
+        layer_prefix: Optional[str] = None,
+    ) -> None:
         super().__init__()
         self.config = config
         device = torch.device(device)
         c = config
+        backend = resolve_attention_backend(attention_backend)
+        self.attention_backend_name: str = backend.name
         gen = torch.Generator(device=device).manual_seed(c.seed)
 
         def randn(*shape: int, std: float) -> torch.Tensor:
             return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std).to(c.dtype)
 
+        prefix = _claim_prefix(layer_prefix)
+        names = [f"{prefix}.layers.{i}.self_attn" for i in range(c.num_layers)]
+        registered: list[AttentionLayer] = []
+        try:
+            for name in names:
+                registered.append(register_layer(AttentionLayer(name, c.num_heads, c.num_kv_heads, c.head_dim, backend)))
+        except BaseException:
+            _release_layers(prefix, tuple(registered))
+            raise
+        layers = tuple(registered)
+        self.layer_prefix: str = prefix
+        self._finalizer = weakref.finalize(self, _release_layers, prefix, layers)
+
         # Unit-RMS embeddings put the residual stream at the same scale as the layers' writes.
         self.register_buffer("embed_tokens", randn(c.vocab_size, c.hidden_size, std=1.0))
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(c, i, gen, device) for i in range(c.num_layers)
+            LlamaDecoderLayer(c, i, gen, device, names[i]) for i in range(c.num_layers)
         )
         self.register_buffer("final_norm_weight", (1.0 + randn(c.hidden_size, std=0.05)).to(c.dtype))
         # Logits of roughly unit scale: greedy picks depend on the input, not on ties.
         self.register_buffer("lm_head_weight", randn(c.vocab_size, c.hidden_size, std=c.hidden_size**-0.5))
         self.requires_grad_(False)
         self.eval()
-        self.calibrate(
-            random_prompts(c, _CALIBRATION_BATCH, _CALIBRATION_SEQ, seed=c.seed + 1, device=device)
-        )
+        self.calibrate(random_prompts(c, lengths=list(_CALIBRATION_LENGTHS), seed=c.seed + 1))
 
     @property
     def device(self) -> torch.device:
@@ -323,65 +578,124 @@ class LlamaForCausalLM(torch.nn.Module):
         """
         return self.embed_tokens.device
 
-    def linears(self) -> dict[str, Fp8Linear]:
-        """Every FP8 linear layer by qualified name, in forward order (four per layer).
+    @property
+    def attention_layer_names(self) -> list[str]:
+        """The registered attention layer names, one per decoder layer, in order."""
+        return [layer.layer_name for layer in self.layers]
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (or the layers were released otherwise)."""
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Unregister this model's attention layers and free its name prefix; idempotent.
+
+        Afterwards a forward fails (the attention op finds no layer of that name).
+        Called automatically when the model is garbage-collected.
+        """
+        self._finalizer()
+
+    def linears(self) -> dict[str, Union[Fp8Linear, Nvfp4Linear]]:
+        """Every quantized linear layer by qualified name, in forward order (four per layer).
 
         Example:
             >>> list(model.linears())[:2]
             ['layers.0.qkv_proj', 'layers.0.o_proj']
         """
-        return {name: m for name, m in self.named_modules() if isinstance(m, Fp8Linear)}
+        return {name: m for name, m in self.named_modules() if isinstance(m, (Fp8Linear, Nvfp4Linear))}
 
-    def _forward(self, input_ids: torch.Tensor, mode: str) -> torch.Tensor:
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mode: str,
+        query_lens: Optional[Sequence[int]] = None,
+    ) -> torch.Tensor:
         c = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"LlamaForCausalLM: input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
-        x = F.embedding(input_ids.reshape(-1), self.embed_tokens)
-        # Token-major positions (what a paged-attention op takes) rather than a [seq] range.
-        positions = torch.arange(seq, device=input_ids.device).repeat(batch)
+        if input_ids.dim() != 1 or positions.dim() != 1:
+            raise ValueError(
+                f"LlamaForCausalLM: input_ids and positions must be flat [tokens] tensors, got shapes "
+                f"{tuple(input_ids.shape)} and {tuple(positions.shape)}"
+            )
+        if input_ids.shape[0] != positions.shape[0]:
+            raise ValueError(
+                f"LlamaForCausalLM: input_ids and positions must have one entry per token, got "
+                f"{input_ids.shape[0]} and {positions.shape[0]}"
+            )
+        x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
 
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, batch, seq, mode)
+            x, residual = layer(x, residual, cos, sin, mode, query_lens)
         h, _ = _fx.fused_add_rms_norm(x, residual, self.final_norm_weight, c.rms_eps)
-        logits = h @ self.lm_head_weight.t()
-        return logits.reshape(batch, seq, c.vocab_size)
+        return h @ self.lm_head_weight.t()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """FP8 forward: ``input_ids [batch, seq]`` (int64) -> ``logits [batch, seq, vocab]``.
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Quantized forward of a flat batch: ``input_ids [T]``, ``positions [T]`` (int64) -> ``logits [T, vocab]``.
 
-        Example:
-            >>> model(torch.tensor([[5, 6, 7]])).shape
-            torch.Size([1, 3, 256])
-        """
-        return self._forward(input_ids, _FP8)
-
-    def forward_reference(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The same model without activation quantization: each linear multiplies by its
-        dequantized FP8 weight in fp32 (rounded to ``config.dtype``). The yardstick for
-        the FP8 forward's accuracy.
+        Runs inside a forward context whose metadata describes the batch (see
+        :class:`~fxfuse.models.ModelRunner`).
 
         Example:
-            >>> ids = torch.tensor([[5, 6, 7]])
-            >>> (model(ids).float() - model.forward_reference(ids).float()).abs().max()
+            >>> ModelRunner(model).logits([[5, 6, 7]]).shape
+            torch.Size([3, 256])
         """
+        return self._forward(input_ids, positions, _QUANT)
+
+    def forward_reference(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        query_lens: Optional[Sequence[int]] = None,
+    ) -> torch.Tensor:
+        """The same model without activation quantization and without the KV cache: the
+        yardstick for the quantized forward's accuracy and for the paged attention.
+
+        Each linear multiplies by its dequantized weight in fp32 (rounded to
+        ``config.dtype``); attention is plain SDPA over each whole sequence. The batch
+        must therefore hold whole sequences: ``query_lens`` gives their lengths, or, if
+        omitted, they are read from ``positions`` (each sequence counts 0, 1, ..., n-1).
+        Needs no forward context.
+
+        Example:
+            >>> ids, pos, lens = pack_prompts([[5, 6, 7], [8, 9]])
+            >>> model.forward_reference(ids, pos).shape
+            torch.Size([5, 256])
+        """
+        if query_lens is None:
+            query_lens = _whole_sequence_lens(positions)
+        elif sum(query_lens) != input_ids.shape[0]:
+            raise ValueError(
+                f"LlamaForCausalLM.forward_reference: query_lens {list(query_lens)} must add up to the "
+                f"number of tokens ({input_ids.shape[0]})"
+            )
         with torch.no_grad():
-            return self._forward(input_ids, _REFERENCE)
+            return self._forward(input_ids, positions, _REFERENCE, list(query_lens))
 
-    def calibrate(self, input_ids: torch.Tensor) -> dict[str, float]:
-        """Set every static activation scale to ``max(amax, 1e-6) / 448`` of its input on ``input_ids``.
+    def calibrate(self, prompts: Prompts) -> dict[str, float]:
+        """Set every static activation scale from its input's ``amax`` (floored at 1e-6) on ``prompts``.
 
-        Runs the FP8 forward once eagerly; each site is calibrated on the activations
-        that the already-calibrated sites before it produce, i.e. exactly what it sees
-        at inference. Returns the new scales by linear-layer name.
+        FP8 sites get ``input_scale = amax / 448``, NVFP4 sites
+        ``input_global_scale = 448 * 6 / amax``. Runs the quantized forward once eagerly
+        (one batched prefill, with this model's own temporary KV caches); each site is
+        calibrated on the activations that the already-calibrated sites before it
+        produce, i.e. exactly what it sees at inference. Returns the new scales
+        (``input_scale`` or ``input_global_scale``) by linear-layer name.
 
         Example:
-            >>> scales = model.calibrate(torch.randint(0, 256, (4, 64)))
+            >>> scales = model.calibrate([[1, 2, 3], [4, 5, 6, 7]])
             >>> scales["layers.0.qkv_proj"] > 0
             True
         """
+
+        def calibrating_forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self._forward(input_ids, positions, _CALIBRATE)
+
         with torch.no_grad():
-            self._forward(input_ids.to(self.device), _CALIBRATE)
-        return {name: float(m.input_scale.item()) for name, m in self.linears().items()}
+            ModelRunner(self, calibrating_forward).logits(prompts)
+        return {
+            name: float((m.input_scale if isinstance(m, Fp8Linear) else m.input_global_scale).item())
+            for name, m in self.linears().items()
+        }
