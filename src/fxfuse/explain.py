@@ -104,6 +104,7 @@ def explain(
                 entry = _Entry(p, traced, variant)
                 for node in _anchor_sites(work.graph, variant.pattern):
                     sites.append(_site(p, traced.name, variant.form, entry, node, regions))
+            traced.forget_traces()  # they hold this graph's fake tensors
     return Explanation(sites)
 
 

@@ -55,7 +55,7 @@ class _Entry(compat.PatternEntry):
                 traced.verify(self.variant, match, values)
             if not rewrite.check(match):
                 return f"{rewrite.name}.check() returned False"
-            repl = traced.trace_with(rewrite.replacement, values, v2=self.variant.v2, what="replacement")
+            repl = traced.replacement_for(self.variant, values)
             want = [tensor_meta(n) for n in match.output_nodes()]
             got = output_metas(repl)
             if want != got:
@@ -143,7 +143,11 @@ class FusionPass:
             raise TypeError(f"pass {self.name}: the graph must belong to a GraphModule")
         self.last_counts = {}
         canonicalize(graph, self.canonicalizations)
-        self._matcher.apply(graph)
+        try:
+            self._matcher.apply(graph)
+        finally:
+            for traced in self._traced:
+                traced.forget_traces()
         for rewrite, n in self.last_counts.items():
             record(self.name, rewrite, n)
         return sum(self.last_counts.values())

@@ -228,6 +228,18 @@ class TracedRewrite:
         self.args = _arguments(rewrite)
         self.variants = self._trace_variants()
         self._check_replacement()
+        # Traces made for one graph, keyed by the matched values' signature: every layer
+        # of a model matches with the same shapes, so each is traced once per graph.
+        self._memo: dict[Any, Any] = {}
+
+    def forget_traces(self) -> None:
+        """Drop the per-graph traces (they hold that graph's fake tensors)."""
+        self._memo.clear()
+
+    def _memoized(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     # -- registration -------------------------------------------------------------
 
@@ -310,17 +322,63 @@ class TracedRewrite:
 
         return self._trace(fn, values, v2=v2, what=what, mode=detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)]))
 
+    def _generic(self, values: Sequence[Any]) -> list[Any]:
+        """Values with str/float wildcards swapped for their sentinels: one trace serves all."""
+        return [v if a.sentinel is None else a.sentinel for a, v in zip(self.args, values)]
+
+    def replacement_for(self, variant: Variant, values: Sequence[Any]) -> torch.fx.GraphModule:
+        """The replacement traced for these matched values.
+
+        Traced once per shape signature with the wildcard sentinels, then specialized:
+        the matched strings and floats are written over the sentinels in a copy.
+        """
+        generic = self._generic(values)
+        gm = self._memoized(
+            ("replacement", variant.form, _signature(generic)),
+            lambda: self.trace_with(self.rewrite.replacement, generic, v2=variant.v2, what="replacement"),
+        )
+        subst = {(type(a.sentinel), a.sentinel): v for a, v in zip(self.args, values) if a.sentinel is not None}
+        return _specialize(gm, subst)
+
     def verify(self, variant: Variant, match: compat.Match, values: Sequence[Any]) -> None:
         """Re-trace the pattern with the bound values; its outputs must be the matched ones."""
-        specific = self.trace_with(self.rewrite.pattern, values, v2=variant.v2, what="pattern")
+        generic = self._generic(values)
+
+        def build() -> tuple[list[Any], compat.PatternExpr]:
+            specific = self.trace_with(self.rewrite.pattern, generic, v2=variant.v2, what="pattern")
+            return output_metas(specific), _ToPattern(self.args, int_wildcards=False).convert(specific)
+
+        got, exact = self._memoized(("pattern", variant.form, _signature(generic)), build)
         want = [tensor_meta(n) for n in match.output_nodes()]
-        got = output_metas(specific)
         if want != got:
             raise _Skip(f"pattern re-traced with the matched values gives {got}, the graph holds {want}")
-        exact = _ToPattern(self.args, int_wildcards=False).convert(specific)
         result = exact.match(match.output_nodes()[0])
         if not compat.is_match(result):
             raise _Skip(f"pattern re-traced with the matched values does not match: {result}")
+
+
+def _specialize(gm: torch.fx.GraphModule, subst: dict[tuple[type, Any], Any]) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with each literal keyed in ``subst`` replaced by its value."""
+    if not subst:
+        return gm
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    swap = lambda x: subst.get((type(x), x), x) if isinstance(x, (str, float)) else x  # noqa: E731
+    for node in graph.nodes:
+        node.args = torch.utils._pytree.tree_map(swap, node.args)
+        node.kwargs = torch.utils._pytree.tree_map(swap, node.kwargs)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _signature(values: Sequence[Any]) -> tuple:
+    """What a trace depends on: sizes (symbols by name), strides, dtypes, devices, literals."""
+    sig: list[Any] = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            sig.append((tuple(map(str, v.shape)), tuple(map(str, v.stride())), v.dtype, str(v.device)))
+        else:
+            sig.append((type(v), v))
+    return tuple(sig)
 
 
 def _fresh(v: Any) -> Any:
