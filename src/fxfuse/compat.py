@@ -150,3 +150,30 @@ def inductor_counters() -> Counter:
 def pattern_source(pattern: PatternExpr, name: str) -> str:
     """A pattern printed as the Python that builds it."""
     return _pm.PatternPrettyPrinter.run(pattern, output_name=name)
+
+
+# --------------------------------------------------------------------------- op registration
+
+
+_LIBRARIES: dict[str, Any] = {}
+
+
+def define_mutating_op(qualname: str, schema: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> Any:
+    """Register a custom op that mutates some of its arguments; returns its OpOverload.
+
+    ``torch.library.custom_op`` wraps a mutating op in an ADInplaceOrView kernel that, in
+    torch 2.11, indexes the mutated arguments positionally without filling defaults, so
+    ``op(q, k, v, out, name)`` crashes when a later mutable argument is left at its
+    default (2.13 fills them). Defining the op on a `torch.library.Library` directly
+    skips that wrapper on every release: the version counter bump it would add is not
+    needed by inference graphs, and functionalization (`auto_functionalized`) reads the
+    alias annotations from the schema either way.
+    """
+    namespace, name = qualname.split("::")
+    lib = _LIBRARIES.get(namespace)
+    if lib is None:
+        lib = _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")  # noqa: TOR901
+    lib.define(name + schema)
+    lib.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname, fake, lib=lib)
+    return getattr(getattr(torch.ops, namespace), name).default

@@ -27,6 +27,7 @@ import torch
 
 from ..attention.backend import output_quant_scheme
 from ..attention.context import AttentionLayer, AttentionMetadata, KVCache, get_forward_context, get_layer
+from .. import compat
 from . import _validate as V
 from .nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_block_scales_shape
 
@@ -192,9 +193,6 @@ def resolve_attention(
 # --------------------------------------------------------------------------- op
 
 
-@torch.library.custom_op(
-    "fxfuse::attention", mutates_args=("output", "output_block_scale"), schema=ATTENTION_SCHEMA
-)
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -225,8 +223,7 @@ def attention(
     )
 
 
-@attention.register_fake
-def _(
+def _attention_fake(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -238,3 +235,7 @@ def _(
     # No registry or context lookup: patterns are traced with a sample `layer_name`
     # that names no real layer, and compilation happens outside any forward context.
     validate_attention(query, key, value, output, layer_name, output_scale, output_block_scale)
+
+
+# Registered on a Library directly, not with @custom_op: see compat.define_mutating_op.
+compat.define_mutating_op("fxfuse::attention", ATTENTION_SCHEMA, attention, _attention_fake)
