@@ -102,21 +102,18 @@ def test_pass_name_and_order_in_manager_change_key(rewrite_module):
     assert fxfuse.PassManager([a]).uuid() != fxfuse.PassManager([a], cleanup=False).uuid()
 
 
-def test_fxfuse_and_torch_versions_change_key(rewrite_module, monkeypatch):
+@pytest.mark.parametrize("module, attr", [(fxfuse, "__version__"), (torch, "__version__")], ids=["fxfuse", "torch"])
+def test_fxfuse_and_torch_versions_change_key(rewrite_module, monkeypatch, module, attr):
     mod = rewrite_module()
     base = _uuid(mod)
+    monkeypatch.setattr(module, attr, "99.0.0")
     cache_key.framework_digest.cache_clear()
-    monkeypatch.setattr(fxfuse, "__version__", "99.0.0")
-    assert _uuid(mod) != base
-    monkeypatch.setattr(fxfuse, "__version__", fxfuse.__version__)
-    monkeypatch.undo()
-    cache_key.framework_digest.cache_clear()
+    try:
+        assert _uuid(mod) != base
+    finally:
+        monkeypatch.undo()
+        cache_key.framework_digest.cache_clear()
     assert _uuid(mod) == base
-    monkeypatch.setattr(torch, "__version__", "2.99.0")
-    cache_key.framework_digest.cache_clear()
-    assert _uuid(mod) != base
-    monkeypatch.undo()
-    cache_key.framework_digest.cache_clear()
 
 
 def test_chained_pass_without_uuid_disables_caching(rewrite_module):
