@@ -1,10 +1,16 @@
 import os
 
-import pytest
 import torch
 
-import fxfuse
-from fxfuse import compat
+if not torch.cuda.is_available():
+    # Triton kernels run in its CPU interpreter; it must be set before Triton is first
+    # imported (Inductor imports it), so here, before fxfuse.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fxfuse  # noqa: E402
+from fxfuse import compat  # noqa: E402
 
 
 def trace_graph(fn, *args, v2=True):

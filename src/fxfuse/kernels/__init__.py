@@ -1,0 +1,31 @@
+"""Triton kernels for the fxfuse ops, one module per family.
+
+Kernels import nothing of fxfuse but these shared helpers, and nothing here is needed
+on a machine without Triton: `available()` says whether kernels can be used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreted() -> bool:
+    """Triton's CPU interpreter (``TRITON_INTERPRET=1``): kernels run on CPU tensors, slowly."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device_type: str) -> bool:
+    """Whether kernels can run on tensors of ``device_type`` in this process."""
+    if not triton_importable():
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and interpreted())

@@ -1,0 +1,47 @@
+"""Round-half-to-even downcasts that are exact on the GPU and in Triton's interpreter alike.
+
+The GPU's casts round half to even. Triton's CPU interpreter truncates fp32 -> bf16 and
+mis-rounds some fp32 -> fp8 values and ties. Rounding onto the target grid explicitly in
+fp32 first makes the final cast exact everywhere, so kernels are tested bit for bit on
+the CPU. The cost is a few integer ops per element in kernels bound by memory.
+"""
+
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+# Adding and subtracting 1.5 * 2**23 rounds an fp32 of magnitude < 2**22 to an integer,
+# half to even (IEEE round-to-nearest-even of the addition).
+_RINT_MAGIC = 12582912.0
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """``v`` (fp32, already clamped to +-448) rounded half-to-even onto the E4M3 grid."""
+    bits = v.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127
+    exp = tl.maximum(exp, -6)  # below 2**-6 the grid is the subnormal step 2**-9
+    step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    inv_step = ((3 - exp + 127) << 23).to(tl.float32, bitcast=True)
+    magnitude = tl.abs(v) * inv_step  # exact: a power of two
+    rounded = ((magnitude + _RINT_MAGIC) - _RINT_MAGIC) * step
+    # The sign is put back bitwise so that values rounding to zero keep it (-0), as the cast does.
+    return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quantize_fp8(v, inv_scale):
+    """fp8(clamp(v * inv_scale, +-448)) with round-half-to-even, for fp32 ``v``."""
+    scaled = tl.minimum(tl.maximum(v * inv_scale, -FP8_MAX), FP8_MAX)
+    return round_to_e4m3(scaled).to(tl.float8e4nv)
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """fp32 ``v`` cast to ``dtype`` (bf16, fp16 or fp32) rounding half to even."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # keep the top 16 bits
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return v.to(dtype)

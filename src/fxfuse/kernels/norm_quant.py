@@ -1,0 +1,108 @@
+"""RMSNorm, with or without the residual add, with an optional FP8 epilogue: one pass.
+
+One program per row: the row is read once (plus the residual), normalized in fp32,
+rounded to the model dtype and multiplied by the weight in it (DESIGN §2), then written
+as the model dtype, or quantized in registers and written as FP8 (static scale, or a
+per-row dynamic scale computed from the rounded row). The unfused and fused forms run
+the same code, so on one device they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rounding import FP8_MAX, quantize_fp8, round_to
+
+QUANT_NONE, QUANT_STATIC, QUANT_DYNAMIC = 0, 1, 2
+_MIN_DYNAMIC_SCALE = 1.0 / (FP8_MAX * 512.0)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr,
+    y_ptr, res_out_ptr, q_ptr, row_scale_ptr,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    offs = row * n_cols + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    dtype = x.dtype
+    # Model-dtype arithmetic is done in fp32 and rounded once: the same value as a
+    # bf16/fp16 add or multiply (fp32 holds their products exactly, and a sum rounded
+    # through fp32 rounds like the exact sum), and correct in Triton's interpreter, whose
+    # bf16 arithmetic is not.
+    xf = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        xf = round_to(xf + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+        tl.store(res_out_ptr + offs, xf, mask=mask)
+        xf = xf.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = round_to(round_to(xf * rstd, dtype).to(tl.float32) * w, dtype)  # weight on the rounded norm
+    if QUANT == 0:
+        tl.store(y_ptr + offs, y, mask=mask)
+    else:
+        yf = y.to(tl.float32)
+        if QUANT == 1:
+            inv = tl.div_rn(1.0, tl.load(scale_ptr))
+        else:
+            amax = tl.max(tl.where(mask, tl.abs(yf), 0.0), axis=0)
+            if HAS_UB:
+                amax = tl.minimum(amax, tl.load(ub_ptr))
+            s = tl.maximum(amax / FP8_MAX, _MIN_DYNAMIC_SCALE)
+            tl.store(row_scale_ptr + row, s)
+            inv = tl.div_rn(1.0, s)
+        tl.store(q_ptr + offs, quantize_fp8(yf, inv), mask=mask)
+
+
+def _block(n_cols: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n_cols)
+    return block, min(max(block // 256, 1), 16)  # ~8-16 elements per thread
+
+
+def rms_norm_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    quant: int = QUANT_NONE,
+    scale: Optional[torch.Tensor] = None,
+    scale_ub: Optional[torch.Tensor] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launch the kernel; returns ``(y, q, row_scales, residual_out)``, absent ones None.
+
+    Inputs are validated by the ops that call this (contiguous, matching dtypes).
+
+    Example:
+        >>> y, _, _, _ = rms_norm_quant(x, w, 1e-6)
+        >>> _, q, _, r = rms_norm_quant(x, w, 1e-6, residual=r0, quant=QUANT_STATIC, scale=s)
+    """
+    n_cols = x.shape[-1]
+    rows = x.numel() // n_cols if n_cols else 0
+    y = torch.empty_like(x) if quant == QUANT_NONE else None
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) if quant != QUANT_NONE else None
+    row_scales = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device) if quant == QUANT_DYNAMIC else None
+    res_out = torch.empty_like(x) if residual is not None else None
+    if rows == 0:
+        return y, q, row_scales, res_out
+    block, warps = _block(n_cols)
+    dummy = x  # pointer for arguments a constexpr branch never reads
+    _rms_norm_quant_kernel[(rows,)](
+        x, residual if residual is not None else dummy, weight,
+        scale if scale is not None else dummy, scale_ub if scale_ub is not None else dummy,
+        y if y is not None else dummy, res_out if res_out is not None else dummy,
+        q if q is not None else dummy, row_scales if row_scales is not None else dummy,
+        n_cols, float(eps),
+        HAS_RESIDUAL=residual is not None, QUANT=quant, HAS_UB=scale_ub is not None,
+        BLOCK=block, num_warps=warps,
+    )
+    return y, q, row_scales, res_out

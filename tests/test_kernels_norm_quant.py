@@ -1,0 +1,107 @@
+"""The RMSNorm(+residual)(+FP8) Triton kernel against the native reference.
+
+Runs on CUDA when present, else in Triton's CPU interpreter (small shapes; conftest.py
+sets TRITON_INTERPRET). The kernel's
+normalized row may differ from the native one by one unit in the last place (another
+reduction order); its FP8 epilogue must equal the native quant of that same row bit for
+bit, so fused == unfused on one device.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is part of the test extras")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fxfuse.kernels import norm_quant as K  # noqa: E402
+from fxfuse.kernels._rounding import quantize_fp8  # noqa: E402
+from fxfuse.ops.norm import fused_add_rms_norm_native, rms_norm_native  # noqa: E402
+from fxfuse.ops.quant import dynamic_per_token_fp8_quant_native, static_scaled_fp8_quant_native  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 16), (7, 40), (33, 129)] if DEVICE == "cpu" else [(1, 4096), (7, 5120), (257, 8192), (33, 129)]
+
+
+def _inputs(rows, cols, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g) * scale).to(dtype).to(DEVICE)
+    r = torch.randn(rows, cols, generator=g).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(cols, generator=g)).to(dtype).to(DEVICE)
+    return x, r, w
+
+
+def _within_one_ulp(a, b):
+    """Equal, or one representable step apart (a different fp32 reduction order)."""
+    a32, b32 = a.float(), b.float()
+    step = torch.finfo(a.dtype).eps * torch.maximum(a32.abs(), b32.abs()).clamp_min(torch.finfo(a.dtype).tiny)
+    return bool(((a32 - b32).abs() <= step).all()), float((a32 != b32).float().mean())
+
+
+def _bytes(t):
+    return t.view(torch.uint8)
+
+
+@pytest.mark.parametrize("rows, cols", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_matches_native_within_one_ulp(rows, cols, dtype, residual):
+    x, r, w = _inputs(rows, cols, dtype, seed=rows * cols)
+    y, _, _, r_out = K.rms_norm_quant(x, w, 1e-6, residual=r if residual else None)
+    if residual:
+        ref_y, ref_r = fused_add_rms_norm_native(x, r, w, 1e-6)
+        assert torch.equal(r_out, ref_r)
+    else:
+        ref_y = rms_norm_native(x, w, 1e-6)
+    ok, frac = _within_one_ulp(y, ref_y)
+    assert ok and frac < 0.02, f"{frac:.3%} of elements differ"
+
+
+@pytest.mark.parametrize("rows, cols", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("x_scale, s", [(1.0, 0.01), (300.0, 0.001)], ids=["normal", "saturating"])
+def test_static_fp8_epilogue_is_bit_exact(rows, cols, dtype, residual, x_scale, s):
+    x, r, w = _inputs(rows, cols, dtype, seed=rows + cols, scale=x_scale)
+    scale = torch.tensor([s], device=DEVICE)
+    res = r if residual else None
+    y, _, _, _ = K.rms_norm_quant(x, w, 1e-5, residual=res)
+    _, q, _, r_out = K.rms_norm_quant(x, w, 1e-5, residual=res, quant=K.QUANT_STATIC, scale=scale)
+    assert torch.equal(_bytes(q), _bytes(static_scaled_fp8_quant_native(y, scale)))
+    if residual:
+        assert torch.equal(r_out, x + r)
+
+
+@pytest.mark.parametrize("rows, cols", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ub", [None, 0.5])
+def test_dynamic_fp8_epilogue_is_bit_exact(rows, cols, dtype, ub):
+    x, r, w = _inputs(rows, cols, dtype, seed=3 * rows + cols)
+    x[0] *= 1e-6  # a near-zero row exercises the scale floor
+    scale_ub = torch.tensor([ub], device=DEVICE) if ub is not None else None
+    y, _, _, _ = K.rms_norm_quant(x, w, 1e-5, residual=r)
+    _, q, s, _ = K.rms_norm_quant(x, w, 1e-5, residual=r, quant=K.QUANT_DYNAMIC, scale_ub=scale_ub)
+    ref_q, ref_s = dynamic_per_token_fp8_quant_native(y, scale_ub)
+    assert torch.equal(s, ref_s)
+    assert torch.equal(_bytes(q), _bytes(ref_q))
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, q_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(q_ptr + offs, quantize_fp8(tl.load(x_ptr + offs, mask=m), 1.0), mask=m)
+
+
+def test_e4m3_rounding_ties_and_saturation():
+    # Every finite fp8 value, the midpoints between neighbours (ties), just off them, and
+    # values past the clamp; torch's cast of the clamped value rounds half to even.
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    probes = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]), torch.tensor([500.0, -1e4])])
+    x = probes.to(DEVICE)
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
+    _quantize_kernel[(1,)](x, q, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(_bytes(q), _bytes(x.clamp(-448, 448).to(torch.float8_e4m3fn)))
