@@ -16,7 +16,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fxfuse.kernels import norm_quant as K  # noqa: E402
-from fxfuse.kernels._rounding import quantize_fp8  # noqa: E402
+from fxfuse.kernels._rounding import exact_casts, quantize_fp8  # noqa: E402
 from fxfuse.ops.norm import fused_add_rms_norm_native, rms_norm_native  # noqa: E402
 from fxfuse.ops.quant import dynamic_per_token_fp8_quant_native, static_scaled_fp8_quant_native  # noqa: E402
 
@@ -88,10 +88,10 @@ def test_dynamic_fp8_epilogue_is_bit_exact(rows, cols, dtype, ub):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, n, BLOCK: tl.constexpr):
+def _quantize_kernel(x_ptr, q_ptr, n, BLOCK: tl.constexpr, EXACT: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     m = offs < n
-    tl.store(q_ptr + offs, quantize_fp8(tl.load(x_ptr + offs, mask=m), 1.0), mask=m)
+    tl.store(q_ptr + offs, quantize_fp8(tl.load(x_ptr + offs, mask=m), 1.0, EXACT), mask=m)
 
 
 def test_e4m3_rounding_ties_and_saturation():
@@ -103,5 +103,5 @@ def test_e4m3_rounding_ties_and_saturation():
     probes = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]), torch.tensor([500.0, -1e4])])
     x = probes.to(DEVICE)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
-    _quantize_kernel[(1,)](x, q, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    _quantize_kernel[(1,)](x, q, x.numel(), BLOCK=triton.next_power_of_2(x.numel()), EXACT=exact_casts())
     assert torch.equal(_bytes(q), _bytes(x.clamp(-448, 448).to(torch.float8_e4m3fn)))

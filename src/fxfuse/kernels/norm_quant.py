@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rounding import FP8_MAX, quantize_fp8, round_to
+from ._rounding import FP8_MAX, exact_casts, quantize_fp8, round_to
 
 QUANT_NONE, QUANT_STATIC, QUANT_DYNAMIC = 0, 1, 2
-_MIN_DYNAMIC_SCALE = 1.0 / (FP8_MAX * 512.0)
+_MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
 
 
 @triton.jit
@@ -27,6 +27,7 @@ def _rms_norm_quant_kernel(
     y_ptr, res_out_ptr, q_ptr, row_scale_ptr,
     n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
+    EXACT_CASTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -40,13 +41,13 @@ def _rms_norm_quant_kernel(
     # bf16 arithmetic is not.
     xf = x.to(tl.float32)
     if HAS_RESIDUAL:
-        xf = round_to(xf + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+        xf = round_to(xf + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EXACT_CASTS)
         tl.store(res_out_ptr + offs, xf, mask=mask)
         xf = xf.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / n_cols
+    var = tl.div_rn(tl.sum(xf * xf, axis=0), n_cols.to(tl.float32))
     rstd = 1.0 / tl.sqrt_rn(var + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = round_to(round_to(xf * rstd, dtype).to(tl.float32) * w, dtype)  # weight on the rounded norm
+    y = round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)  # weight on the rounded norm
     if QUANT == 0:
         tl.store(y_ptr + offs, y, mask=mask)
     else:
@@ -57,10 +58,10 @@ def _rms_norm_quant_kernel(
             amax = tl.max(tl.where(mask, tl.abs(yf), 0.0), axis=0)
             if HAS_UB:
                 amax = tl.minimum(amax, tl.load(ub_ptr))
-            s = tl.maximum(amax / FP8_MAX, _MIN_DYNAMIC_SCALE)
+            s = tl.maximum(tl.div_rn(amax, FP8_MAX), _MIN_DYNAMIC_SCALE)  # exact division, as torch's
             tl.store(row_scale_ptr + row, s)
             inv = tl.div_rn(1.0, s)
-        tl.store(q_ptr + offs, quantize_fp8(yf, inv), mask=mask)
+        tl.store(q_ptr + offs, quantize_fp8(yf, inv, EXACT_CASTS), mask=mask)
 
 
 def _block(n_cols: int) -> tuple[int, int]:
@@ -103,6 +104,6 @@ def rms_norm_quant(
         q if q is not None else dummy, row_scales if row_scales is not None else dummy,
         n_cols, float(eps),
         HAS_RESIDUAL=residual is not None, QUANT=quant, HAS_UB=scale_ub is not None,
-        BLOCK=block, num_warps=warps,
+        BLOCK=block, EXACT_CASTS=exact_casts(), num_warps=warps,
     )
     return y, q, row_scales, res_out

@@ -50,7 +50,9 @@ def dynamic_per_token_fp8_quant_native(
     amax = xf.abs().amax(dim=-1, keepdim=True)
     if scale_ub is not None:
         amax = torch.minimum(amax, scale_ub.float().reshape(()))
-    scales = torch.clamp(amax / FP8_MAX, min=MIN_DYNAMIC_SCALE)
+    # A tensor divisor, not a Python float: CUDA turns division by a scalar into a
+    # multiply by its rounded reciprocal, which is not the exact division DESIGN §2 asks.
+    scales = torch.clamp(amax / amax.new_tensor(FP8_MAX), min=MIN_DYNAMIC_SCALE)
     return _quantize_with_inv_scale(xf, 1.0 / scales), scales
 
 
