@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as V
+from ._dispatch import use_kernels
 
 # --------------------------------------------------------------------------- native math
 
@@ -48,7 +49,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     torch.Size([4, 128])
     """
     validate_silu_and_mul(x)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.activation import silu_and_mul as kernel
+
+        return kernel(x)
     return silu_and_mul_native(x)
 
 

@@ -186,7 +186,7 @@ def resolve_attention(
             f"the forward context's metadata must be on the device of `query` ({query.device}), "
             f"got {metadata.slot_mapping.device}"
         )
-    metadata.validate(num_tokens, block_size=cache.block_size, num_blocks=cache.num_blocks)
+    metadata.validate_once(num_tokens, block_size=cache.block_size, num_blocks=cache.num_blocks)
     return layer, metadata, cache
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
+from ._dispatch import use_kernels
 from .activation import silu_and_mul_native, silu_and_mul_out_shape, validate_silu_and_mul
 from .norm import (
     fused_add_rms_norm_native,
@@ -127,7 +128,11 @@ def rms_norm_static_fp8_quant(
     >>> q = torch.ops.fxfuse.rms_norm_static_fp8_quant(x, w, scale, 1e-6)
     """
     validate_rms_norm_static_fp8_quant(x, weight, scale, eps)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.norm_quant import QUANT_STATIC, rms_norm_quant
+
+        return rms_norm_quant(x, weight, eps, quant=QUANT_STATIC, scale=scale)[1]
     return rms_norm_static_fp8_quant_native(x, weight, scale, eps)
 
 
@@ -146,7 +151,12 @@ def fused_add_rms_norm_static_fp8_quant(
     >>> q, r_out = torch.ops.fxfuse.fused_add_rms_norm_static_fp8_quant(x, r, w, scale, 1e-6)
     """
     validate_fused_add_rms_norm_static_fp8_quant(x, residual, weight, scale, eps)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.norm_quant import QUANT_STATIC, rms_norm_quant
+
+        _, q, _, residual_out = rms_norm_quant(x, weight, eps, residual=residual, quant=QUANT_STATIC, scale=scale)
+        return q, residual_out
     return fused_add_rms_norm_static_fp8_quant_native(x, residual, weight, scale, eps)
 
 
@@ -167,7 +177,12 @@ def rms_norm_dynamic_per_token_fp8_quant(
     >>> q, scales = torch.ops.fxfuse.rms_norm_dynamic_per_token_fp8_quant(x, w, 1e-6)
     """
     validate_rms_norm_dynamic_per_token_fp8_quant(x, weight, eps, scale_ub)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.norm_quant import QUANT_DYNAMIC, rms_norm_quant
+
+        _, q, scales, _ = rms_norm_quant(x, weight, eps, quant=QUANT_DYNAMIC, scale_ub=scale_ub)
+        return q, scales
     return rms_norm_dynamic_per_token_fp8_quant_native(x, weight, eps, scale_ub)
 
 
@@ -192,7 +207,14 @@ def fused_add_rms_norm_dynamic_per_token_fp8_quant(
     >>> q, scales, r_out = torch.ops.fxfuse.fused_add_rms_norm_dynamic_per_token_fp8_quant(x, r, w, 1e-6)
     """
     validate_fused_add_rms_norm_dynamic_per_token_fp8_quant(x, residual, weight, eps, scale_ub)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.norm_quant import QUANT_DYNAMIC, rms_norm_quant
+
+        _, q, scales, residual_out = rms_norm_quant(
+            x, weight, eps, residual=residual, quant=QUANT_DYNAMIC, scale_ub=scale_ub
+        )
+        return q, scales, residual_out
     return fused_add_rms_norm_dynamic_per_token_fp8_quant_native(x, residual, weight, eps, scale_ub)
 
 
@@ -215,7 +237,11 @@ def silu_and_mul_static_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch
     >>> q = torch.ops.fxfuse.silu_and_mul_static_fp8_quant(x, scale)
     """
     validate_silu_and_mul_static_fp8_quant(x, scale)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.activation import OUT_FP8, silu_and_mul
+
+        return silu_and_mul(x, OUT_FP8, scale)
     return silu_and_mul_static_fp8_quant_native(x, scale)
 
 

@@ -7,6 +7,7 @@ every kernel and every fused op that contains an RMS norm must reproduce them.
 import torch
 
 from . import _validate as V
+from ._dispatch import use_kernels
 
 # --------------------------------------------------------------------------- native math
 
@@ -72,7 +73,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     >>> y = torch.ops.fxfuse.rms_norm(x, w, 1e-6)
     """
     validate_rms_norm(x, weight, eps)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.norm_quant import rms_norm_quant
+
+        return rms_norm_quant(x, weight, eps)[0]
     return rms_norm_native(x, weight, eps)
 
 
@@ -97,7 +102,12 @@ def fused_add_rms_norm(
     >>> y, r_out = torch.ops.fxfuse.fused_add_rms_norm(x, r, w, 1e-6)
     """
     validate_fused_add_rms_norm(x, residual, weight, eps)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.norm_quant import rms_norm_quant
+
+        y, _, _, residual_out = rms_norm_quant(x, weight, eps, residual=residual)
+        return y, residual_out
     return fused_add_rms_norm_native(x, residual, weight, eps)
 
 

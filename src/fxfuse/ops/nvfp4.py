@@ -39,6 +39,7 @@ import math
 import torch
 
 from . import _validate as V
+from ._dispatch import use_kernels
 from .activation import silu_and_mul_native, validate_silu_and_mul
 from .quant import FP8_DTYPE, FP8_MAX
 
@@ -286,7 +287,11 @@ def nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tens
     (torch.Size([4, 32]), torch.Size([128, 4]))
     """
     validate_nvfp4_quant(x, global_scale)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.quant import nvfp4
+
+        return nvfp4(x, global_scale)
     return nvfp4_quant_native(x, global_scale)
 
 
@@ -311,7 +316,11 @@ def silu_and_mul_nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tup
     torch.Size([4, 32])
     """
     validate_silu_and_mul_nvfp4_quant(x, global_scale)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.activation import OUT_NVFP4, silu_and_mul
+
+        return silu_and_mul(x, OUT_NVFP4, global_scale)
     return silu_and_mul_nvfp4_quant_native(x, global_scale)
 
 

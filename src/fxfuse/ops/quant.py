@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import _validate as V
+from ._dispatch import use_kernels
 
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite float8_e4m3fn value.
@@ -104,7 +105,11 @@ def static_scaled_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     >>> q = torch.ops.fxfuse.static_scaled_fp8_quant(x, scale)
     """
     validate_static_scaled_fp8_quant(x, scale)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.quant import static_fp8
+
+        return static_fp8(x, scale)
     return static_scaled_fp8_quant_native(x, scale)
 
 
@@ -129,7 +134,11 @@ def dynamic_per_token_fp8_quant(
     torch.Size([4, 1])
     """
     validate_dynamic_per_token_fp8_quant(x, scale_ub)
-    # Device kernels dispatch here; the native function is the reference everywhere else.
+    # On CUDA a Triton kernel; the native function is the reference everywhere else.
+    if use_kernels(x):
+        from ..kernels.quant import dynamic_fp8
+
+        return dynamic_fp8(x, scale_ub)
     return dynamic_per_token_fp8_quant_native(x, scale_ub)
 
 

@@ -1,0 +1,83 @@
+"""SiLU-and-mul with an optional static FP8 or NVFP4 epilogue.
+
+Elementwise over ``[rows, d]`` tiles: the gate and up halves of a row are read once,
+``silu(g) * u`` is computed in fp32 and rounded to the model dtype (the unfused op's
+output), then written as is or quantized in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._nvfp4 import quantize_rows, swizzled_offset
+from ._rounding import exact_casts, quantize_fp8, round_to
+from .quant import nvfp4_outputs
+
+OUT_NONE, OUT_FP8, OUT_NVFP4 = 0, 1, 2
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    x_ptr, scale_ptr, out_ptr, sf_ptr, n_rows, d, kb_pad,
+    OUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows64 = rows.to(tl.int64)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < d)
+    in_offs = rows64[:, None] * (2 * d) + cols[None, :]
+    g = tl.load(x_ptr + in_offs, mask=mask, other=0.0)
+    u = tl.load(x_ptr + in_offs + d, mask=mask, other=0.0).to(tl.float32)
+    gf = g.to(tl.float32)
+    y = round_to(tl.div_rn(gf, 1.0 + tl.exp(-gf)) * u, g.dtype, EXACT_CASTS)
+    if OUT == 0:
+        tl.store(out_ptr + rows64[:, None] * d + cols[None, :], y, mask=mask)
+    elif OUT == 1:
+        inv = tl.div_rn(1.0, tl.load(scale_ptr))
+        tl.store(out_ptr + rows64[:, None] * d + cols[None, :], quantize_fp8(y.to(tl.float32), inv, EXACT_CASTS), mask=mask)
+    else:
+        packed, sf8 = quantize_rows(tl.where(mask, y.to(tl.float32), 0.0), tl.load(scale_ptr), BLOCK_R, BLOCK_D, EXACT_CASTS)
+        pcols = tl.program_id(1) * (BLOCK_D // 2) + tl.arange(0, BLOCK_D // 2)
+        pmask = (rows[:, None] < n_rows) & (pcols[None, :] < d // 2)
+        tl.store(out_ptr + rows64[:, None] * (d // 2) + pcols[None, :], packed, mask=pmask)
+        kcols = tl.program_id(1) * (BLOCK_D // 16) + tl.arange(0, BLOCK_D // 16)
+        smask = (rows[:, None] < n_rows) & (kcols[None, :] < d // 16)
+        tl.store(sf_ptr + swizzled_offset(rows64[:, None], kcols[None, :], kb_pad), sf8, mask=smask)
+
+
+def _tiles(rows: int, d: int) -> tuple[int, int, int]:
+    block_d = min(1024, triton.next_power_of_2(d))
+    block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
+    return block_r, block_d, 4 if block_r * block_d <= 2048 else 8
+
+
+def silu_and_mul(x: torch.Tensor, out: int = OUT_NONE, scale: torch.Tensor | None = None):
+    """``silu_and_mul`` of a contiguous ``x`` ``[..., 2d]``, optionally quantized.
+
+    ``out=OUT_NONE`` returns ``y`` in ``x.dtype``; ``OUT_FP8`` returns fp8 ``q`` (``scale``
+    the static dequant scale); ``OUT_NVFP4`` returns ``(q, block_scales)`` (``scale`` the
+    global scale).
+
+    Example:
+        >>> y = silu_and_mul(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16))
+    """
+    d = x.shape[-1] // 2
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    sf = None
+    if out == OUT_NONE:
+        y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
+    elif out == OUT_FP8:
+        y = torch.empty((*x.shape[:-1], d), dtype=torch.float8_e4m3fn, device=x.device)
+    else:
+        y, sf = nvfp4_outputs(rows, d, x.device)
+    if rows and d:
+        block_r, block_d, warps = _tiles(rows, d)
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(d, block_d))
+        _silu_and_mul_kernel[grid](
+            x, scale if scale is not None else x, y, sf if sf is not None else y, rows, d,
+            sf.shape[1] if sf is not None else 0,
+            OUT=out, BLOCK_R=block_r, BLOCK_D=block_d, EXACT_CASTS=exact_casts(), num_warps=warps,
+        )
+    return (y, sf) if out == OUT_NVFP4 else y

@@ -1,0 +1,155 @@
+"""FP8 and NVFP4 quantization of a model-dtype tensor: static FP8, per-token FP8, NVFP4.
+
+Static FP8 is elementwise over the flattened tensor. Per-token FP8 runs one program per
+row: a row that fits one block stays in registers between the max and the quantize,
+longer rows are read twice (the second read from L2). NVFP4 tiles rows x 16-element
+blocks; its swizzled scale layout is written directly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._nvfp4 import quantize_rows, swizzled_offset
+from ._rounding import FP8_MAX, exact_casts, quantize_fp8
+
+_MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
+_MAX_ROW_BLOCK = 8192
+
+
+@triton.jit
+def _static_fp8_kernel(x_ptr, scale_ptr, q_ptr, n, BLOCK: tl.constexpr, EXACT_CASTS: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    inv = tl.div_rn(1.0, tl.load(scale_ptr))
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(q_ptr + offs, quantize_fp8(x, inv, EXACT_CASTS), mask=mask)
+
+
+@triton.jit
+def _dynamic_fp8_kernel(
+    x_ptr, ub_ptr, q_ptr, s_ptr, n_cols,
+    HAS_UB: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_cols
+    cols = tl.arange(0, BLOCK)
+    if CHUNKS == 1:
+        mask = cols < n_cols
+        x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in range(CHUNKS):
+            m = c * BLOCK + cols < n_cols
+            acc = tl.maximum(acc, tl.abs(tl.load(x_ptr + base + c * BLOCK + cols, mask=m, other=0.0).to(tl.float32)))
+        amax = tl.max(acc, axis=0)
+    if HAS_UB:
+        amax = tl.minimum(amax, tl.load(ub_ptr))
+    s = tl.maximum(tl.div_rn(amax, FP8_MAX), _MIN_DYNAMIC_SCALE)
+    tl.store(s_ptr + row, s)
+    inv = tl.div_rn(1.0, s)
+    if CHUNKS == 1:
+        tl.store(q_ptr + base + cols, quantize_fp8(x, inv, EXACT_CASTS), mask=mask)
+    else:
+        for c in range(CHUNKS):
+            m = c * BLOCK + cols < n_cols
+            xc = tl.load(x_ptr + base + c * BLOCK + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(q_ptr + base + c * BLOCK + cols, quantize_fp8(xc, inv, EXACT_CASTS), mask=m)
+
+
+@triton.jit
+def _nvfp4_kernel(
+    x_ptr, gs_ptr, q_ptr, sf_ptr, n_rows, n_cols, kb_pad,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    packed, sf8 = quantize_rows(x, tl.load(gs_ptr), BLOCK_R, BLOCK_K, EXACT_CASTS)
+    pcols = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    pmask = (rows[:, None] < n_rows) & (pcols[None, :] < n_cols // 2)
+    tl.store(q_ptr + rows64[:, None] * (n_cols // 2) + pcols[None, :], packed, mask=pmask)
+    kcols = tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+    smask = (rows[:, None] < n_rows) & (kcols[None, :] < n_cols // 16)
+    tl.store(sf_ptr + swizzled_offset(rows64[:, None], kcols[None, :], kb_pad), sf8, mask=smask)
+
+
+def static_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``static_scaled_fp8_quant`` on a contiguous ``x``.
+
+    Example:
+        >>> q = static_fp8(torch.randn(4, 64, device="cuda", dtype=torch.bfloat16), torch.tensor([0.01], device="cuda"))
+    """
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    n = x.numel()
+    if n:
+        block = 4096 if n >= 4096 else triton.next_power_of_2(n)
+        _static_fp8_kernel[(triton.cdiv(n, block),)](
+            x, scale, q, n, BLOCK=block, EXACT_CASTS=exact_casts(), num_warps=8 if block >= 4096 else 4
+        )
+    return q
+
+
+def row_block(n_cols: int, limit: int = _MAX_ROW_BLOCK) -> tuple[int, int, int]:
+    """(block, chunks, warps) for one program per row of ``n_cols`` elements."""
+    block = min(triton.next_power_of_2(max(n_cols, 1)), limit)
+    return block, triton.cdiv(n_cols, block), min(max(block // 256, 1), 16)
+
+
+def dynamic_fp8(x: torch.Tensor, scale_ub: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dynamic_per_token_fp8_quant`` on a contiguous ``x``; returns ``(q, scales [..., 1])``.
+
+    Example:
+        >>> q, s = dynamic_fp8(torch.randn(4, 64, device="cuda", dtype=torch.bfloat16))
+    """
+    n_cols = x.shape[-1]
+    rows = x.numel() // n_cols
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if rows:
+        block, chunks, warps = row_block(n_cols)
+        _dynamic_fp8_kernel[(rows,)](
+            x, scale_ub if scale_ub is not None else x, q, s, n_cols,
+            HAS_UB=scale_ub is not None, BLOCK=block, CHUNKS=chunks, EXACT_CASTS=exact_casts(), num_warps=warps,
+        )
+    return q, s
+
+
+def nvfp4_outputs(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty ``(q [m, k/2] uint8, block scales)``; the scale padding is zeroed, the rest is
+    left for the kernel (the last 128-row tile is contiguous in the swizzled layout)."""
+    kb = k // 16
+    m_pad, kb_pad = triton.cdiv(m, 128) * 128, triton.cdiv(kb, 4) * 4
+    q = torch.empty((m, k // 2), dtype=torch.uint8, device=device)
+    sf = torch.empty((m_pad, kb_pad), dtype=torch.float8_e4m3fn, device=device)
+    if kb_pad != kb:
+        sf.view(torch.uint8).zero_()
+    elif m_pad != m:
+        sf.view(torch.uint8).view(-1)[(m_pad - 128) * kb_pad :].zero_()
+    return q, sf
+
+
+def nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nvfp4_quant`` on a contiguous ``x`` ``[..., K]``; returns ``(q, swizzled block scales)``.
+
+    Example:
+        >>> q, sf = nvfp4(torch.randn(4, 64, device="cuda", dtype=torch.bfloat16), torch.tensor([100.0], device="cuda"))
+    """
+    k = x.shape[-1]
+    m = x.numel() // k
+    q, sf = nvfp4_outputs(m, k, x.device)
+    if m:
+        block_r, block_k = 8, min(256, triton.next_power_of_2(k))
+        grid = (triton.cdiv(m, block_r), triton.cdiv(k, block_k))
+        _nvfp4_kernel[grid](
+            x, global_scale, q, sf, m, k, sf.shape[1],
+            BLOCK_R=block_r, BLOCK_K=block_k, EXACT_CASTS=exact_casts(), num_warps=4,
+        )
+    return q, sf

@@ -1,0 +1,122 @@
+"""Quant and SiLU-and-mul Triton kernels against the native reference.
+
+CUDA when present, else Triton's CPU interpreter at small shapes. Quantizers are bit
+exact against the native op on the same input; SiLU-and-mul's model-dtype output may be
+one unit in the last place off the native one (another ``exp``), and its quantized
+epilogues must equal the native quant of the kernel's own output bit for bit.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is part of the test extras")
+
+from fxfuse.kernels import activation as A  # noqa: E402
+from fxfuse.kernels import quant as Q  # noqa: E402
+from fxfuse.ops.activation import silu_and_mul_native  # noqa: E402
+from fxfuse.ops.nvfp4 import nvfp4_quant_native  # noqa: E402
+from fxfuse.ops.quant import dynamic_per_token_fp8_quant_native, static_scaled_fp8_quant_native  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Odd row counts, and columns that are not multiples of the block sizes.
+SHAPES = [(1, 16), (5, 48), (33, 80)] if DEVICE == "cpu" else [(1, 4096), (7, 5120), (257, 8192), (33, 80)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _x(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def _bytes(t):
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_scale, s", [(1.0, 0.01), (300.0, 0.001)], ids=["normal", "saturating"])
+def test_static_fp8_is_bit_exact(shape, dtype, x_scale, s):
+    x = _x(shape, dtype, seed=sum(shape), scale=x_scale)
+    scale = torch.tensor([s], device=DEVICE)
+    assert torch.equal(_bytes(Q.static_fp8(x, scale)), _bytes(static_scaled_fp8_quant_native(x, scale)))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(3, 5, 24)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ub", [None, 0.5])
+def test_dynamic_fp8_is_bit_exact(shape, dtype, ub):
+    x = _x(shape, dtype, seed=7 * sum(shape))
+    x.view(-1, shape[-1])[0] *= 1e-6  # the scale floor
+    scale_ub = torch.tensor([ub], device=DEVICE) if ub is not None else None
+    q, s = Q.dynamic_fp8(x, scale_ub)
+    ref_q, ref_s = dynamic_per_token_fp8_quant_native(x, scale_ub)
+    assert s.shape == ref_s.shape and torch.equal(s, ref_s)
+    assert torch.equal(_bytes(q), _bytes(ref_q))
+
+
+def test_dynamic_fp8_long_rows_take_the_chunked_path():
+    cols = 2 * 8192 + 48 if DEVICE == "cuda" else 80
+    x = _x((3, cols), torch.bfloat16, seed=11)
+    limit = 8192 if DEVICE == "cuda" else 32  # force several chunks in the interpreter too
+    block, chunks, warps = Q.row_block(cols, limit)
+    assert chunks > 1
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
+    s = torch.empty((3, 1), device=DEVICE)
+    Q._dynamic_fp8_kernel[(3,)](x, x, q, s, cols, HAS_UB=False, BLOCK=block, CHUNKS=chunks,
+                                EXACT_CASTS=Q.exact_casts(), num_warps=warps)
+    ref_q, ref_s = dynamic_per_token_fp8_quant_native(x)
+    assert torch.equal(s, ref_s) and torch.equal(_bytes(q), _bytes(ref_q))
+
+
+NVFP4_SHAPES = [(1, 32), (5, 48), (130, 80)] if DEVICE == "cpu" else [(1, 4096), (130, 80), (257, 14336)]
+
+
+@pytest.mark.parametrize("shape", NVFP4_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nvfp4_is_bit_exact(shape, dtype):
+    x = _x(shape, dtype, seed=3 * sum(shape))
+    x[0, :16] = 0  # an all-zero block (scale 0)
+    x.view(-1)[-1] = 1e4  # its block saturates the scale at 448
+    gs = (448.0 * 6.0 / x.float().abs().amax()).reshape(1) * 4  # some blocks saturate the scale
+    q, sf = Q.nvfp4(x, gs)
+    ref_q, ref_sf = nvfp4_quant_native(x, gs)
+    assert torch.equal(q, ref_q)
+    assert torch.equal(_bytes(sf), _bytes(ref_sf))  # padding included
+
+
+def test_nvfp4_rounding_of_every_tie():
+    # Each E2M1 midpoint, just off it, both signs, with block scale 1 (gs = 448 * 6 / 6... per block max 6).
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    vals = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), torch.tensor([0.0, 6.0, 7.0])])
+    vals = torch.cat([vals, -vals])
+    x = vals[: (vals.numel() // 16) * 16].reshape(-1, 16).float().to(DEVICE)
+    x[:, 0] = 6.0  # block max 6 -> sf = e4m3(gs) with gs = 1, inv = 1
+    gs = torch.tensor([1.0], device=DEVICE)
+    q, sf = Q.nvfp4(x, gs)
+    ref_q, ref_sf = nvfp4_quant_native(x, gs)
+    assert torch.equal(q, ref_q) and torch.equal(_bytes(sf), _bytes(ref_sf))
+
+
+def _within_ulps(a, b, ulps):
+    a32, b32 = a.float(), b.float()
+    step = ulps * torch.finfo(a.dtype).eps * torch.maximum(a32.abs(), b32.abs()).clamp_min(torch.finfo(a.dtype).tiny)
+    return bool(((a32 - b32).abs() <= step).all())
+
+
+SILU_SHAPES = [(1, 32), (5, 96), (33, 160)] if DEVICE == "cpu" else [(1, 2 * 14336), (7, 2 * 4096), (257, 2 * 14336), (33, 160)]
+
+
+@pytest.mark.parametrize("shape", SILU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_and_its_quant_epilogues(shape, dtype):
+    x = _x(shape, dtype, seed=5 * sum(shape), scale=3.0)
+    y = A.silu_and_mul(x)
+    # One step of bf16/fp16; in fp32 the exp and the two roundings show as a few ulps.
+    assert y.dtype == dtype and _within_ulps(y, silu_and_mul_native(x), 1 if dtype != torch.float32 else 8)
+    scale = torch.tensor([0.02], device=DEVICE)
+    q = A.silu_and_mul(x, A.OUT_FP8, scale)
+    assert torch.equal(_bytes(q), _bytes(static_scaled_fp8_quant_native(y, scale)))
+    gs = (448.0 * 6.0 / y.float().abs().amax()).reshape(1)
+    q4, sf = A.silu_and_mul(x, A.OUT_NVFP4, gs)
+    ref_q4, ref_sf = nvfp4_quant_native(y, gs)
+    assert torch.equal(q4, ref_q4) and torch.equal(_bytes(sf), _bytes(ref_sf))
