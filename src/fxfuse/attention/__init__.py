@@ -43,6 +43,7 @@ from .context import (
     temporary_layers,
     unregister_layer,
 )
+from .triton_backend import TritonAttentionBackend
 from .native import (
     NativeAttentionBackend,
     NoQuantNativeBackend,
@@ -57,6 +58,6 @@ __all__ = [
     "NoForwardContextError", "UnknownLayerError",
     "get_forward_context", "get_layer", "register_layer", "registered_layer_names",
     "set_forward_context", "temporary_layers", "unregister_layer",
-    "NativeAttentionBackend", "NoQuantNativeBackend",
+    "NativeAttentionBackend", "NoQuantNativeBackend", "TritonAttentionBackend",
     "paged_attention_native", "write_kv_cache_native", "write_output_native",
 ]

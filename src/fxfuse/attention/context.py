@@ -92,6 +92,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    # The (num_tokens, block_size, num_blocks) this object passed `validate` with.
+    _validated: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -170,6 +172,27 @@ class AttentionMetadata:
             max_seq_len=max(seq_lens, default=0),
         )
 
+    def validate_once(self, num_tokens: int, *, block_size: int, num_blocks: int) -> None:
+        """:meth:`validate`, unless this object already passed it for the same arguments.
+
+        The attention op calls this, so a batch's metadata is read back to the host once,
+        not once per layer. A runner that refills the tensors in place (to replay a CUDA
+        graph) calls :meth:`validate` itself after each refill. Inside a CUDA graph
+        capture nothing can be read back: metadata must have been validated before.
+
+        >>> meta.validate_once(5, block_size=16, num_blocks=8)  # reads; a second call does not
+        """
+        key = (num_tokens, block_size, num_blocks)
+        if self._validated == key:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{_PREFIX}: the forward context's metadata must be validated before a CUDA graph "
+                f"capture (call metadata.validate({num_tokens}, block_size={block_size}, "
+                f"num_blocks={num_blocks}) first): validating reads the tensors back to the host"
+            )
+        self.validate(num_tokens, block_size=block_size, num_blocks=num_blocks)
+
     def validate(
         self, num_tokens: int, *, block_size: Optional[int] = None, num_blocks: Optional[int] = None
     ) -> None:
@@ -188,6 +211,7 @@ class AttentionMetadata:
 
         Reads the tensors' values (a device sync on GPU).
         """
+        self._validated = None  # a failed re-validation must not leave an old pass standing
         fields = {
             "query_start_loc": (self.query_start_loc, torch.int32, 1),
             "seq_lens": (self.seq_lens, torch.int32, 1),
@@ -318,6 +342,8 @@ class AttentionMetadata:
                     f"`block_table`: token {t} is position {pos[t].item()} of sequence {i}, "
                     f"which the block table puts in slot {expected[t].item()}"
                 )
+        if num_blocks is not None:
+            self._validated = (num_tokens, block_size, num_blocks)
 
 
 # --------------------------------------------------------------------------- KV cache

@@ -45,6 +45,7 @@ from fxfuse.attention import (
     AttentionLayer,
     NativeAttentionBackend,
     NoQuantNativeBackend,
+    TritonAttentionBackend,
     get_layer,
     register_layer,
     registered_layer_names,
@@ -76,6 +77,7 @@ _fx = torch.ops.fxfuse
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
     "native": NativeAttentionBackend,
     "native-noquant": NoQuantNativeBackend,
+    "triton": TritonAttentionBackend,
 }
 
 

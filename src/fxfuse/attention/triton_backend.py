@@ -1,0 +1,64 @@
+"""The ``triton`` attention backend: fxfuse's paged attention kernel, on CUDA.
+
+It fuses every output quant scheme into the kernel's epilogue. Metadata is read on the
+host only through ``max_query_len``/``max_seq_len`` (plain ints), so a forward pass on
+this backend can be captured in a CUDA graph once its metadata has been validated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backend import AttentionBackend, output_quant_scheme
+from .context import AttentionLayer, AttentionMetadata, KVCache
+from .native import write_kv_cache_native
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged causal GQA attention in Triton (prefill, decode, split-KV decode), with FP8
+    and NVFP4 output epilogues. Needs CUDA tensors (or ``TRITON_INTERPRET=1`` on CPU) and
+    a power-of-two head size of at least 16.
+
+    >>> layer = AttentionLayer("layers.0.attn", 32, 8, 128, TritonAttentionBackend())
+    """
+
+    name = "triton"
+    supported_output_quant = frozenset({"none", "fp8_static", "nvfp4"})
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+        output_scale: Optional[torch.Tensor],
+        output_block_scale: Optional[torch.Tensor],
+        metadata: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> None:
+        from .. import kernels
+
+        d = layer.head_size
+        if d < 16 or d & (d - 1):
+            raise ValueError(
+                f"fxfuse.attention: the triton backend needs a power-of-two head_size >= 16, "
+                f"layer {layer.name!r} has {d}; use the native backend for it"
+            )
+        if not kernels.available(query.device.type):
+            raise RuntimeError(
+                f"fxfuse.attention: the triton backend cannot run on {query.device} tensors here "
+                f"(it needs CUDA and Triton, or TRITON_INTERPRET=1 on CPU); use the native backend"
+            )
+        from ..kernels import attention as K
+
+        write_kv_cache_native(key, value, kv_cache, metadata.slot_mapping)
+        scheme = output_quant_scheme(output_scale, output_block_scale)
+        out = {"none": K.OUT_NONE, "fp8_static": K.OUT_FP8, "nvfp4": K.OUT_NVFP4}[scheme]
+        K.paged_attention(
+            query, kv_cache.key_cache, kv_cache.value_cache, metadata.block_table, metadata.seq_lens,
+            metadata.query_start_loc, metadata.max_query_len, metadata.max_seq_len, layer.scale,
+            output, out, output_scale, output_block_scale,
+        )
