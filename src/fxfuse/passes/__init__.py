@@ -8,6 +8,7 @@ from typing import Callable
 from ..fusion_pass import FusionPass
 from .act_quant import act_quant_fusion
 from .attn_quant import attn_quant_fusion
+from .native_lowering import native_lowering
 from .noop_elimination import NoopElimination
 from .rms_quant import rms_quant_fusion
 
@@ -24,15 +25,18 @@ class FusionConfig:
     rms_quant: bool = True
     act_quant: bool = True
     attn_quant: bool = True
+    native_lowering: bool = True
 
 
 # Pipeline order matters: noop elimination exposes producer/consumer pairs to the
-# fusions. allreduce_rms_fusion will slot in last.
+# fusions; native lowering comes last, so it sees the fused ops the fusions made.
+# allreduce_rms_fusion will slot in before it.
 _PIPELINE: tuple[tuple[str, Callable[[], FusionPass]], ...] = (
     ("noop_elimination", NoopElimination),
     ("rms_quant", rms_quant_fusion),
     ("act_quant", act_quant_fusion),
     ("attn_quant", attn_quant_fusion),
+    ("native_lowering", native_lowering),
 )
 
 
@@ -41,7 +45,7 @@ def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
 
     Example:
         >>> [p.name for p in fxfuse.default_passes()]
-        ['noop_elimination', 'rms_quant_fusion', 'act_quant_fusion', 'attn_quant_fusion']
+        ['noop_elimination', 'rms_quant_fusion', 'act_quant_fusion', 'attn_quant_fusion', 'native_lowering']
     """
     config = config or FusionConfig()
     if not isinstance(config, FusionConfig):
@@ -49,4 +53,4 @@ def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
     return [build() for flag, build in _PIPELINE if getattr(config, flag)]
 
 
-__all__ = ["FusionConfig", "default_passes", "NoopElimination", "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion"]
+__all__ = ["FusionConfig", "default_passes", "NoopElimination", "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion", "native_lowering"]
