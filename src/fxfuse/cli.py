@@ -1,4 +1,4 @@
-"""The ``fxfuse`` command: ``demo``, ``patterns``, ``explain``."""
+"""The ``fxfuse`` command: ``demo``, ``bench``, ``patterns``, ``explain``."""
 
 from __future__ import annotations
 
@@ -140,7 +140,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="model preset: tiny (CPU, seconds) or llama3-8b")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quant", choices=["fp8", "nvfp4"], default="fp8", help="activations into o_proj/down_proj: fp8 or nvfp4")
-    p.add_argument("--attention-backend", default="native", help="attention backend of every layer: native or native-noquant")
+    p.add_argument("--attention-backend", default="auto",
+                   help="attention backend of every layer: native, native-noquant, triton, or auto "
+                        "(triton on cuda, native on cpu)")
     p.add_argument("--batch", type=int, default=3, help="number of prompts (ragged lengths)")
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -161,7 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(e)
     e.add_argument("--rewrite", help="only this rewrite")
     e.set_defaults(fn=explain_cmd)
+    b = sub.add_parser("bench", help="kernel, attention and end-to-end benchmarks on CUDA (table, JSON, plot)")
+    from .bench import add_arguments
+
+    add_arguments(b)
+    b.set_defaults(fn=bench_cmd)
     return parser
+
+
+def bench_cmd(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
@@ -171,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         >>> main(["demo", "--layers", "2", "--json", "out.json"])
     """
     args = build_parser().parse_args(argv)
+    if getattr(args, "attention_backend", None) == "auto":
+        args.attention_backend = "triton" if args.device == "cuda" else "native"
     if getattr(args, "layers", None) is not None and args.layers < 1:
         build_parser().error("--layers must be at least 1")
     return args.fn(args)

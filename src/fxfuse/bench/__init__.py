@@ -1,0 +1,78 @@
+"""``fxfuse bench``: kernel, attention and end-to-end benchmarks on CUDA.
+
+Prints tables, writes JSON (and a PNG plot when matplotlib is importable; ``fxfuse
+bench --plot-from RESULTS.json`` draws it later on any machine), and can write the
+measured kernel-vs-Inductor choices that the ``native_lowering`` pass reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+
+def environment() -> dict:
+    import triton
+
+    return dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=triton.__version__)
+
+
+def main(args: argparse.Namespace) -> int:
+    from .plot import plot
+
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            results = json.load(f)
+        print(plot(results, args.png or args.plot_from.rsplit(".", 1)[0] + ".png"))
+        return 0
+    if not torch.cuda.is_available():
+        print("fxfuse bench: needs a CUDA device (use --plot-from to draw saved results)", file=sys.stderr)
+        return 2
+    from . import attention, e2e, ops
+    from .timing import copy_bandwidth
+
+    sections = args.only.split(",") if args.only else ["ops", "attention", "e2e"]
+    results = dict(environment(), copy_bandwidth_GBps=copy_bandwidth() / 1e9)
+    print(f"fxfuse bench on {results['device']}, torch {results['torch']}, triton {results['triton']}; "
+          f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s; times are medians of CUDA-graph replays (us)")
+    bw = results["copy_bandwidth_GBps"] * 1e9
+    if "ops" in sections:
+        print("\nops (eager = plain PyTorch chain, inductor = torch.compile of it, fxfuse = the fused op's kernel):")
+        tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else ops.TOKENS
+        results["ops"] = ops.run(bw, tokens=tokens, only=tuple(args.ops.split(",")) if args.ops else ())
+        if args.write_choices:
+            table = {"devices": ops.choices(results["ops"], results["device"]),
+                     "measured": f"{results['date']}, torch {results['torch']}, triton {results['triton']}, "
+                                 f"`fxfuse bench --only ops --write-choices`"}
+            with open(args.write_choices, "w") as f:
+                json.dump(table, f, indent=1, sort_keys=True)
+            print(f"kernel choices written to {args.write_choices}")
+    if "attention" in sections:
+        print("\nattention (32 query heads, 8 KV heads, head size 128, bf16, KV block 16):")
+        results["attention"] = attention.run(bw)
+    if "e2e" in sections:
+        print("\nend to end (Llama-3-8B layer shapes, FP8, triton attention, CUDA graphs):")
+        results["e2e"] = e2e.run(layers=args.layers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nresults written to {args.json}")
+    if args.png or args.json:
+        print(plot(results, args.png or args.json.rsplit(".", 1)[0] + ".png"))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", help="comma-separated sections: ops,attention,e2e (default: all)")
+    p.add_argument("--ops", help="comma-separated op names to benchmark (default: all)")
+    p.add_argument("--tokens", help="comma-separated token counts for the op benchmark (default: 1,16,256,4096,32768)")
+    p.add_argument("--layers", type=int, default=4, help="layers of the end-to-end model (default 4)")
+    p.add_argument("--json", help="write all results to this JSON file")
+    p.add_argument("--png", help="write the plot here (default: next to --json)")
+    p.add_argument("--write-choices", metavar="PATH", help="write the measured kernel-vs-Inductor table for native_lowering")
+    p.add_argument("--plot-from", metavar="JSON", help="only draw the plot of saved results")

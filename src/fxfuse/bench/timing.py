@@ -1,0 +1,59 @@
+"""Timing on CUDA: medians of CUDA-graph replays, and the copy-bandwidth floor."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a large device-to-device copy, reads plus writes (the floor's divisor)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (graph_us(lambda: dst.copy_(src)) * 1e-6)
+
+
+def graph_us(fn: Callable[[], object], warmup: int = 3, reps: int | None = None) -> float:
+    """Median microseconds of one call of ``fn``, captured in a CUDA graph and replayed.
+
+    The graph holds ``k`` calls, sized so one replay takes about a millisecond, so launch
+    overhead is neither in the number nor hidden; the median is over ``reps`` replays,
+    each timed with CUDA events.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    # Estimate one call to size the graph.
+    g1 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1):
+        fn()
+    g1.replay()
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(5):
+        g1.replay()
+    t1.record()
+    torch.cuda.synchronize()
+    one_ms = max(t0.elapsed_time(t1) / 5, 1e-4)
+    k = int(min(max(1.0 / one_ms, 1), 200))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(k):
+            fn()
+    reps = reps or int(min(max(200 / max(one_ms * k, 1e-3), 10), 200))
+    times = []
+    for _ in range(reps):
+        t0.record()
+        g.replay()
+        t1.record()
+        t1.synchronize()
+        times.append(t0.elapsed_time(t1) * 1e3 / k)
+    del g, g1
+    times.sort()
+    return times[len(times) // 2]
