@@ -16,7 +16,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fxfuse.kernels import norm_quant as K  # noqa: E402
-from fxfuse.kernels._rounding import exact_casts, quantize_fp8  # noqa: E402
+from fxfuse.kernels._rounding import exact_casts, quantize_fp8, round_to  # noqa: E402
 from fxfuse.ops.norm import fused_add_rms_norm_native, rms_norm_native  # noqa: E402
 from fxfuse.ops.quant import dynamic_per_token_fp8_quant_native, static_scaled_fp8_quant_native  # noqa: E402
 
@@ -105,3 +105,30 @@ def test_e4m3_rounding_ties_and_saturation():
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
     _quantize_kernel[(1,)](x, q, x.numel(), BLOCK=triton.next_power_of_2(x.numel()), EXACT=exact_casts())
     assert torch.equal(_bytes(q), _bytes(x.clamp(-448, 448).to(torch.float8_e4m3fn)))
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, round_to(tl.load(x_ptr + offs, mask=m), DTYPE, EXACT), mask=m)
+
+
+@pytest.mark.parametrize("dtype, tl_dtype", [(torch.float16, tl.float16), (torch.bfloat16, tl.bfloat16)])
+def test_model_dtype_rounding_matches_torch_cast(dtype, tl_dtype):
+    # Random values over many binades, the midpoints between neighbours (ties), just off
+    # them, subnormals, values past the largest finite, infinities and NaN.
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-30, 20, (4000,), generator=g).float())
+    grid = torch.randn(500, generator=g).to(dtype)
+    up = torch.nextafter(grid, torch.full_like(grid, float("inf")))
+    mids = (grid.float() + up.float()) / 2
+    fin = torch.finfo(dtype)
+    special = [fin.max, fin.max * 1.001, fin.max * 2, float("inf"), float("-inf"), 0.0, -0.0]
+    if dtype == torch.float16:  # fp16 subnormals are real activations; bf16's are fp32's, never seen
+        special += [fin.tiny / 3, fin.tiny * 0.75, -fin.tiny / 7, fin.tiny * 2 ** -10]
+    special = torch.tensor(special)
+    x = torch.cat([rnd, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), special]).to(DEVICE)
+    y = torch.empty(x.shape, dtype=dtype, device=DEVICE)
+    _round_kernel[(1,)](x, y, x.numel(), DTYPE=tl_dtype, BLOCK=triton.next_power_of_2(x.numel()), EXACT=exact_casts())
+    assert torch.equal(y.view(torch.int16), x.to(dtype).view(torch.int16))

@@ -27,17 +27,25 @@ _RINT_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def round_to_e4m3(v):
-    """``v`` (fp32, already clamped to +-448) rounded half-to-even onto the E4M3 grid."""
+def round_to_grid(v, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
+    """fp32 ``v`` rounded half-to-even onto the grid of a float format with ``MANTISSA``
+    stored bits and smallest normal exponent ``MIN_EXP`` (subnormals included)."""
     bits = v.to(tl.int32, bitcast=True)
     exp = ((bits >> 23) & 0xFF) - 127
-    exp = tl.maximum(exp, -6)  # below 2**-6 the grid is the subnormal step 2**-9
-    step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
-    inv_step = ((3 - exp + 127) << 23).to(tl.float32, bitcast=True)
+    exp = tl.maximum(exp, MIN_EXP)  # below the normal range the grid is the subnormal step
+    step = ((exp - MANTISSA + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((MANTISSA - exp + 127) << 23).to(tl.float32, bitcast=True)
     magnitude = tl.abs(v) * inv_step  # exact: a power of two
     rounded = ((magnitude + _RINT_MAGIC) - _RINT_MAGIC) * step
     # The sign is put back bitwise so that values rounding to zero keep it (-0), as the cast does.
-    return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    out = (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    return tl.where(exp == 128, v, out)  # inf and NaN pass through
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """``v`` (fp32, already clamped to +-448) rounded half-to-even onto the E4M3 grid."""
+    return round_to_grid(v, 3, -6)
 
 
 @triton.jit
@@ -53,13 +61,16 @@ def quantize_fp8(v, inv_scale, EXACT_CASTS: tl.constexpr):
 def round_to(v, dtype: tl.constexpr, EXACT_CASTS: tl.constexpr):
     """fp32 ``v`` cast to ``dtype`` (bf16, fp16 or fp32) rounding half to even.
 
-    bf16 is always rounded explicitly: besides the interpreter's truncation, the
-    compiled kernel was seen folding a bf16 round trip away (quantizing the unrounded
-    value); three integer ops cost nothing measurable here.
+    bf16 and fp16 are rounded onto their grid explicitly, in fp32, so that the cast
+    itself is exact: besides the interpreter's truncation, compiled kernels were seen
+    folding a ``.to(bf16/fp16).to(fp32)`` round trip away (computing on the unrounded
+    value). A few integer ops cost nothing measurable in these memory-bound kernels.
     """
     if dtype == tl.bfloat16:
         bits = v.to(tl.int32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # keep the top 16 bits
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    elif dtype == tl.float16:
+        return round_to_grid(v, 10, -14).to(tl.float16)  # past 65504 this rounds to 65536 -> inf, as the cast
     else:
         return v.to(dtype)
