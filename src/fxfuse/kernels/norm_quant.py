@@ -78,6 +78,7 @@ def rms_norm_quant(
     quant: int = QUANT_NONE,
     scale: Optional[torch.Tensor] = None,
     scale_ub: Optional[torch.Tensor] = None,
+    num_warps: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the kernel; returns ``(y, q, row_scales, residual_out)``, absent ones None.
 
@@ -96,6 +97,7 @@ def rms_norm_quant(
     if rows == 0:
         return y, q, row_scales, res_out
     block, warps = _block(n_cols)
+    warps = num_warps or warps
     dummy = x  # pointer for arguments a constexpr branch never reads
     _rms_norm_quant_kernel[(rows,)](
         x, residual if residual is not None else dummy, weight,

@@ -171,7 +171,7 @@ def nvfp4_quant_native(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[tor
     vmax = blocks.abs().amax(dim=-1, keepdim=True)
     # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its
     # rounded reciprocal, which is not the exact division the format specifies.
-    sf = torch.clamp(vmax / vmax.new_tensor(E2M1_MAX) * gs, max=FP8_MAX).to(FP8_DTYPE)
+    sf = torch.clamp(vmax / torch.full((), E2M1_MAX, device=vmax.device) * gs, max=FP8_MAX).to(FP8_DTYPE)
     sf_f = sf.float()
     inv = torch.where(sf_f != 0, gs / sf_f, torch.zeros_like(sf_f))
     codes = _e2m1_codes(blocks * inv).reshape(m, k)

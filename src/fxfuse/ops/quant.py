@@ -53,7 +53,8 @@ def dynamic_per_token_fp8_quant_native(
         amax = torch.minimum(amax, scale_ub.float().reshape(()))
     # A tensor divisor, not a Python float: CUDA turns division by a scalar into a
     # multiply by its rounded reciprocal, which is not the exact division DESIGN §2 asks.
-    scales = torch.clamp(amax / amax.new_tensor(FP8_MAX), min=MIN_DYNAMIC_SCALE)
+    # (made on the device, so the function stays capturable in a CUDA graph).
+    scales = torch.clamp(amax / torch.full((), FP8_MAX, device=amax.device), min=MIN_DYNAMIC_SCALE)
     return _quantize_with_inv_scale(xf, 1.0 / scales), scales
 
 
