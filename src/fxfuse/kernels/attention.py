@@ -214,11 +214,16 @@ def num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len
     return max(1, min(want, triton.cdiv(max_seq_len, 256), 32))
 
 
-def _config(g_pad: int, head_size: int, decode: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def _config(g_pad: int, head_size: int, decode: bool, max_query_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from benchmarks/attention_sweep.py on the
+    H100 (head size 128, 4 query heads per KV head; RESULTS.md)."""
     if decode:
-        return max(16, g_pad), 64, 4, 3
-    return max(128 if head_size <= 128 else 64, g_pad), 64, 8 if head_size >= 128 else 4, 3
+        return max(16, g_pad), 64, 2, 3
+    if head_size > 128:
+        return max(64, g_pad), 64, 4, 2
+    if max_query_len >= 4096:
+        return max(128, g_pad), 128, 8, 3
+    return max(128, g_pad), 64, 4, 3
 
 
 def paged_attention(
@@ -257,7 +262,7 @@ def paged_attention(
     g = hq // hkv
     g_pad = triton.next_power_of_2(g)
     decode = max_query_len == 1
-    block_m, block_n, warps, stages = config or _config(g_pad, d, decode)
+    block_m, block_n, warps, stages = config or _config(g_pad, d, decode, max_query_len)
     n_splits = splits or num_splits(num_seqs, hkv, max_query_len, max_seq_len, query.device)
     kb_pad = 0
     if out == OUT_NVFP4:

@@ -4,7 +4,11 @@ One program per row: the row is read once (plus the residual), normalized in fp3
 rounded to the model dtype and multiplied by the weight in it (DESIGN §2), then written
 as the model dtype, or quantized in registers and written as FP8 (static scale, or a
 per-row dynamic scale computed from the rounded row). The unfused and fused forms run
-the same code, so on one device they agree bit for bit.
+the same code. Under Triton's interpreter that makes them agree bit for bit. Compiled,
+the row sum's order follows the register layout the compiler picks per variant, so the
+normalized row of the FP8 variants can differ from the model-dtype variant's by one
+unit in the last place on rare elements, and a quantized element by one FP8 step (the
+"at most one FP8 step on rare elements" of DESIGN §2).
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ def _rms_norm_quant_kernel(
 
 def _block(n_cols: int) -> tuple[int, int]:
     block = triton.next_power_of_2(n_cols)
-    return block, min(max(block // 256, 1), 16)  # ~8-16 elements per thread
+    # ~32 elements per thread: on the H100, 4 warps for 4096-wide rows ran at 94% of copy
+    # bandwidth where 16 warps ran at 71% (benchmarks/norm_warps.py, RESULTS.md).
+    return block, min(max(block // 1024, 1), 16)
 
 
 def rms_norm_quant(

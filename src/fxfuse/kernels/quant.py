@@ -100,7 +100,7 @@ def static_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def row_block(n_cols: int, limit: int = _MAX_ROW_BLOCK) -> tuple[int, int, int]:
     """(block, chunks, warps) for one program per row of ``n_cols`` elements."""
     block = min(triton.next_power_of_2(max(n_cols, 1)), limit)
-    return block, triton.cdiv(n_cols, block), min(max(block // 256, 1), 16)
+    return block, triton.cdiv(n_cols, block), min(max(block // 1024, 1), 16)  # as norm_quant._block
 
 
 def dynamic_fp8(x: torch.Tensor, scale_ub: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
