@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -119,7 +120,8 @@ def patterns(args: argparse.Namespace) -> int:
         print(f"registration of all built-in passes: {total * 1e3:.1f} ms")
         for p in passes:
             t0 = time.perf_counter()
-            type(p)() if type(p) is not fxfuse.FusionPass else fxfuse.FusionPass(p.name, [type(r)() for r in p.rewrites])
+            # Copies, not fresh instances: rewrites may take parameters (native_lowering's do).
+            type(p)() if type(p) is not fxfuse.FusionPass else fxfuse.FusionPass(p.name, [copy.copy(r) for r in p.rewrites])
             print(f"  {p.name:<18} {len(p.rewrites):>2} rewrites  {(time.perf_counter() - t0) * 1e3:8.1f} ms")
     return 0
 
