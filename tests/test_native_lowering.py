@@ -62,6 +62,7 @@ def test_keeps_the_op_otherwise(table):
 
 def test_only_ops_lowered_somewhere_get_a_rewrite_and_the_table_is_in_the_key():
     assert native_lowering({"devices": {}}).rewrites == []
+    assert native_lowering(_table("inductor", device="NVIDIA Other GPU")).rewrites == []  # not in this process
     a = native_lowering(_table("inductor"))
     b = native_lowering({"devices": {"cpu": {"rms_norm_static_fp8_quant": {"64": {"5": "inductor", "9": "kernel"}}}}})
     assert [r.name for r in a.rewrites] == ["rms_norm_static_fp8_quant_to_native"]

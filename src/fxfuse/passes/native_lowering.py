@@ -155,8 +155,13 @@ def native_lowering(choices: Optional[dict[str, Any]] = None) -> FusionPass:
     ['rms_norm_to_native']
     """
     choices = load_choices() if choices is None else choices
+    # Only devices this process has: entries for other GPUs cannot match here, and each
+    # rewrite costs ~30 ms to register (a CPU-only process registers none).
+    present = {"cpu"} | {device_name(torch.device("cuda", i)) for i in range(torch.cuda.device_count())}
     per_op: dict[str, dict[str, Any]] = {}
     for dev, ops in sorted(choices["devices"].items()):
+        if dev not in present:
+            continue
         for op, entry in sorted(ops.items()):
             if any(v == "inductor" for by_tokens in entry.values() for v in by_tokens.values()):
                 per_op.setdefault(op, {})[dev] = entry
