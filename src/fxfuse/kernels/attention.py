@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ._nvfp4 import quantize_rows, swizzled_offset
 from ._rounding import exact_casts, quantize_fp8, round_to
+from .quant import zero_scale_padding
 
 OUT_NONE, OUT_FP8, OUT_NVFP4 = 0, 1, 2
 _LOG2E = 1.4426950408889634
@@ -267,12 +268,7 @@ def paged_attention(
     kb_pad = 0
     if out == OUT_NVFP4:
         kb_pad = output_block_scale.shape[1]
-        m_pad = output_block_scale.shape[0]
-        if kb_pad * 16 != hq * d or m_pad != num_tokens:  # padding exists: zero it (rare shapes)
-            if kb_pad * 16 != hq * d:
-                output_block_scale.view(torch.uint8).zero_()
-            else:
-                output_block_scale.view(torch.uint8).view(-1)[(m_pad - 128) * kb_pad :].zero_()
+        zero_scale_padding(output_block_scale, num_tokens, hq * d // 16)
     n_q_tiles = triton.cdiv(max_query_len, block_m // g_pad)
     part_o = part_lse = query  # placeholders the kernel never touches with NUM_SPLITS == 1
     if n_splits > 1:

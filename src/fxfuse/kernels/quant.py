@@ -122,17 +122,23 @@ def dynamic_fp8(x: torch.Tensor, scale_ub: Optional[torch.Tensor] = None) -> tup
     return q, s
 
 
-def nvfp4_outputs(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty ``(q [m, k/2] uint8, block scales)``; the scale padding is zeroed, the rest is
-    left for the kernel (the last 128-row tile is contiguous in the swizzled layout)."""
-    kb = k // 16
-    m_pad, kb_pad = triton.cdiv(m, 128) * 128, triton.cdiv(kb, 4) * 4
-    q = torch.empty((m, k // 2), dtype=torch.uint8, device=device)
-    sf = torch.empty((m_pad, kb_pad), dtype=torch.float8_e4m3fn, device=device)
+def zero_scale_padding(sf: torch.Tensor, m: int, kb: int) -> None:
+    """Zero the padding of swizzled block scales ``sf`` for ``m`` rows of ``kb`` blocks,
+    leaving the rest for a kernel: with padded block columns everything is zeroed, with
+    padded rows only the last 128-row tile (contiguous in the swizzled layout)."""
+    m_pad, kb_pad = sf.shape
     if kb_pad != kb:
         sf.view(torch.uint8).zero_()
     elif m_pad != m:
         sf.view(torch.uint8).view(-1)[(m_pad - 128) * kb_pad :].zero_()
+
+
+def nvfp4_outputs(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty ``(q [m, k/2] uint8, block scales)`` with the scale padding zeroed."""
+    kb = k // 16
+    q = torch.empty((m, k // 2), dtype=torch.uint8, device=device)
+    sf = torch.empty((triton.cdiv(m, 128) * 128, triton.cdiv(kb, 4) * 4), dtype=torch.float8_e4m3fn, device=device)
+    zero_scale_padding(sf, m, kb)
     return q, sf
 
 
