@@ -21,7 +21,6 @@ PREFILL = ((1, 2048), (32, 256), (256, 32))  # (sequences, prompt tokens each)
 
 def _batch(cfg, seqs: int, new: int, total: int):
     per = -(-total // BLOCK)
-    caches = {}
     table = torch.arange(seqs * per, dtype=torch.int32).view(seqs, per)
     meta = AttentionMetadata.from_lens([new] * seqs, [total] * seqs, table, BLOCK, device="cuda")
     positions = torch.arange(total - new, total, device="cuda").repeat(seqs)
