@@ -141,7 +141,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="number of decoder layers (default: the preset's)")
     p.add_argument("--preset", default="tiny", help="model preset: tiny (CPU, seconds) or llama3-8b")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--quant", choices=["fp8", "nvfp4"], default="fp8", help="activations into o_proj/down_proj: fp8 or nvfp4")
+    p.add_argument("--quant", choices=["fp8", "nvfp4", "fp8-block"], default="fp8", help="activations into o_proj/down_proj: fp8 or nvfp4")
     p.add_argument("--attention-backend", default="auto",
                    help="attention backend of every layer: native, native-noquant, triton, or auto "
                         "(triton on cuda, native on cpu)")
