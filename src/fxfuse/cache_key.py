@@ -75,18 +75,127 @@ def stable_repr(value: Any, where: str) -> str:
 
 
 def _source(obj: Any, where: str) -> str:
+    """What identifies a function's or class's code: its source, else its code objects.
+
+    A class defined where no source can be read (a REPL, ``python -c``, stdin, ``exec``)
+    is keyed by `code_fingerprint` instead, which is as stable across processes and as
+    sensitive to a change of the code.
+    """
     try:
         return inspect.getsource(obj)
-    except (OSError, TypeError) as e:
-        raise RewriteError(f"{where}: the source of {obj!r} is not available for the cache key ({e})") from e
+    except (OSError, TypeError):
+        return "code:" + code_fingerprint(obj)
 
 
 def _module_source(cls: type, where: str) -> str:
+    """The defining module's source, or, where it has none, the code of what ``cls`` uses.
+
+    The module matters because a rewrite calls module-level helpers; without a file,
+    `code_fingerprint` follows those helpers through the names the class's code reads.
+    """
     module = sys.modules.get(cls.__module__)
     path = getattr(module, "__file__", None)
-    if not path:
-        raise RewriteError(f"{where}: module {cls.__module__} has no source file for the cache key")
-    return pathlib.Path(path).read_text()
+    if path and pathlib.Path(path).is_file():
+        return pathlib.Path(path).read_text()
+    return "code:" + code_fingerprint(cls)
+
+
+# -- keys from code objects -------------------------------------------------------------
+
+# Attributes every class has whose value says nothing about what the class computes.
+_CLASS_NOISE = frozenset({"__dict__", "__weakref__", "__module__", "__doc__", "__qualname__", "__firstlineno__",
+                          "__static_attributes__", "__abstractmethods__", "_abc_impl", "__parameters__",
+                          "__orig_bases__"})
+
+
+def code_fingerprint(obj: Any) -> str:
+    """A digest of what a function or class computes, read from its code objects.
+
+    Covers bytecode, constants (nested code objects recursively), names, argument
+    layout, defaults and closure values, and, through the global names the code reads,
+    the functions and classes of the same module that it calls. Leaves out what does
+    not change behaviour and differs between processes or edits: file names, line
+    numbers, docstrings, addresses.
+
+    Example:
+        >>> ns = {}; exec("def f(x):\n    return x * 2", ns)
+        >>> len(code_fingerprint(ns["f"]))
+        64
+    """
+    return digest(_Fingerprinter().of(obj))
+
+
+class _Fingerprinter:
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def of(self, obj: Any) -> list[str]:
+        if id(obj) in self.seen:  # recursion (a helper calling itself, a class naming itself)
+            return [f"<seen {getattr(obj, '__qualname__', type(obj).__name__)}>"]
+        self.seen.add(id(obj))
+        if inspect.isclass(obj):
+            return self._class(obj)
+        if isinstance(obj, (staticmethod, classmethod)):
+            return self.of(obj.__func__)
+        if isinstance(obj, property):
+            return [p for f in (obj.fget, obj.fset, obj.fdel) for p in (self.of(f) if f else ["-"])]
+        if inspect.isfunction(obj):
+            return self._function(obj)
+        return [self._value(obj)]
+
+    def _class(self, cls: type) -> list[str]:
+        parts = [f"class {cls.__qualname__}({', '.join(b.__qualname__ for b in cls.__bases__)})"]
+        for base in cls.__bases__:
+            if base.__module__ == cls.__module__:  # a user base class: its code counts too
+                parts += self.of(base)
+        for name, value in sorted(vars(cls).items()):
+            if name not in _CLASS_NOISE:
+                parts += [f"{name}="] + self.of(value)
+        return parts
+
+    def _function(self, fn: Any) -> list[str]:
+        parts = [f"def {fn.__qualname__}", *self._code(fn.__code__)]
+        parts.append(f"defaults={self._value(fn.__defaults__)} kwdefaults={self._value(fn.__kwdefaults__)}")
+        for cell in fn.__closure__ or ():
+            try:
+                parts += self.of(cell.cell_contents)
+            except ValueError:  # an empty cell
+                parts.append("<empty cell>")
+        for name in sorted(self._global_names(fn.__code__)):
+            if name in fn.__globals__:
+                value = fn.__globals__[name]
+                same_module = getattr(value, "__module__", None) == fn.__module__
+                if (inspect.isfunction(value) or inspect.isclass(value)) and same_module:
+                    parts += [f"global {name}:"] + self.of(value)
+                elif isinstance(value, (bool, int, float, str, bytes, tuple, frozenset, torch.dtype)):
+                    parts.append(f"global {name}={self._value(value)}")
+        return parts
+
+    def _code(self, co: Any) -> list[str]:
+        parts = [co.co_name, co.co_code.hex(), repr(co.co_names), repr(co.co_varnames), repr(co.co_freevars),
+                 repr(co.co_cellvars), f"{co.co_argcount}/{co.co_posonlyargcount}/{co.co_kwonlyargcount}/{co.co_flags}"]
+        for const in co.co_consts:
+            parts += self._code(const) if inspect.iscode(const) else [self._value(const)]
+        return parts
+
+    def _global_names(self, co: Any) -> set[str]:
+        names = set(co.co_names)
+        for const in co.co_consts:
+            if inspect.iscode(const):
+                names |= self._global_names(const)
+        return names
+
+    def _value(self, value: Any) -> str:
+        if isinstance(value, (frozenset, set)):
+            return "{" + ", ".join(sorted(self._value(v) for v in value)) + "}"
+        if isinstance(value, (tuple, list)):
+            return f"{type(value).__name__}(" + ", ".join(self._value(v) for v in value) + ")"
+        if inspect.isfunction(value) or inspect.isclass(value):
+            return digest(self.of(value))
+        try:
+            return stable_repr(value, "a constant")
+        except RewriteError:
+            return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 def rewrite_key(rewrite: Rewrite) -> str:

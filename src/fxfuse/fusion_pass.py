@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import warnings
@@ -10,9 +11,9 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-from . import compat
-from .match_table import record
-from .cache_key import canonicalization_key, class_key, digest, framework_digest, rewrite_key
+from . import compat, diagnosis
+from .match_table import record, record_miss
+from .cache_key import canonicalization_key, class_key, digest, framework_digest, rewrite_key, stable_repr
 from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize
 from .rewrite import Rewrite, RewriteError
 from .tracing import TracedRewrite, Variant, _Skip, output_metas, tensor_meta
@@ -32,6 +33,16 @@ class Failure:
     rewrite: str
     node: str
     error: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Misses:
+    """The sites of one rewrite that one application of a pass left unreplaced."""
+
+    rewrite: str
+    sites: tuple[str, ...]  # node names, in graph order
+    total: int  # sites of the rewrite's anchor op before the pass ran
+    first_reason: str
 
 
 class _Entry(compat.PatternEntry):
@@ -69,7 +80,11 @@ class _Entry(compat.PatternEntry):
         return None
 
     def prepare(self, match: compat.Match) -> bool:
-        return self.evaluate(match) is None
+        reason = self.evaluate(match)
+        if reason is not None:  # kept, so a near miss at these nodes can say why
+            for node in match.nodes:
+                self.owner._declined.setdefault((self.traced.name, node), reason)
+        return reason is None
 
     def apply(self, match: compat.Match, graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         args = [match.kwargs[a.name] for a in self.traced.args]
@@ -106,23 +121,29 @@ class FusionPass:
         self.canonicalizations = tuple(canonicalize)
         self.failures: list[Failure] = []
         self.last_counts: dict[str, int] = {}
+        self.last_misses: dict[str, Misses] = {}
         self._traced: list[TracedRewrite] = []
         self._keys: list[str] = []
+        self._declined: dict[tuple[str, torch.fx.Node], str] = {}
         self._matcher = compat.PatternMatcherPass(pass_name=f"fxfuse:{name}")
         self._canon_key = canonicalization_key(self.canonicalizations)
+        self._class_key = class_key(type(self))
         for rewrite in rewrites:
             self.register(rewrite)
 
     def register(self, rewrite: Rewrite) -> None:
         """Trace ``rewrite`` once into its search patterns; raises `RewriteError` if it cannot.
 
+        A second instance of a class already in the pass is registered under the name
+        ``ClassName(param=value, ...)`` (a copy carries it; ``rewrite`` is not changed).
+
         Example:
             >>> p = fxfuse.FusionPass("mine"); p.register(MulAddToFma())
         """
         if not isinstance(rewrite, Rewrite):
             raise RewriteError(f"pass {self.name}: {rewrite!r} is not an fxfuse.Rewrite")
-        if any(r.name == rewrite.name for r in self.rewrites):
-            raise RewriteError(f"pass {self.name}: a rewrite named {rewrite.name} is registered already")
+        rewrite = self._named(rewrite)
+        self._state(rewrite)  # an unrepresentable cache_state() fails here, not inside Inductor
         key = rewrite_key(rewrite)
         traced = TracedRewrite(rewrite, self.canonicalizations)
         for variant in traced.variants:
@@ -131,30 +152,85 @@ class FusionPass:
         self._traced.append(traced)
         self._keys.append(key)
 
+    def _named(self, rewrite: Rewrite) -> Rewrite:
+        qualified = repr(rewrite)
+        if any(type(r) is type(rewrite) and repr(r) == qualified for r in self.rewrites):
+            raise RewriteError(f"pass {self.name}: a rewrite named {rewrite.name} is registered already, "
+                               f"with the same parameters ({qualified})")
+        taken = {r.name for r in self.rewrites}
+        if rewrite.name not in taken:
+            return rewrite
+        if type(rewrite).name is not Rewrite.name or qualified in taken:
+            # A name the rewrite chose itself: the framework must not rename it.
+            raise RewriteError(f"pass {self.name}: a rewrite named {rewrite.name} is registered already")
+        named = copy.copy(rewrite)
+        named.__dict__["_fxfuse_name"] = qualified
+        return named
+
+    def _state(self, rewrite: Rewrite) -> str:
+        where = f"cache_state() of rewrite {rewrite.name} in pass {self.name}"
+        try:
+            state = rewrite.cache_state()
+        except Exception as e:  # noqa: BLE001 - a user bug, reported with the rewrite's name
+            raise RewriteError(f"{where} raised {type(e).__name__}: {e}") from e
+        return stable_repr(state, where)
+
     @property
     def traced(self) -> list[TracedRewrite]:
         return list(self._traced)
 
     def __call__(self, graph: torch.fx.Graph | torch.fx.GraphModule) -> int:
-        """Apply the rewrites to ``graph`` in place; returns the number of replacements."""
+        """Apply the rewrites to ``graph`` in place; returns the number of replacements.
+
+        Also counts the near misses (`fxfuse.miss_table`) and logs, at INFO on the
+        ``fxfuse`` logger, each rewrite that has some, with the first reason.
+        """
         if isinstance(graph, torch.fx.GraphModule):
             graph = graph.graph
         if graph.owning_module is None:
             raise TypeError(f"pass {self.name}: the graph must belong to a GraphModule")
-        self.last_counts = {}
+        self.last_counts, self.last_misses, self._declined = {}, {}, {}
         canonicalize(graph, self.canonicalizations)
+        watched = [t for t in self._traced if t.rewrite.report_misses]
+        sites = {t.name: diagnosis.sites(t, graph) for t in watched}
         try:
             self._matcher.apply(graph)
+            for rewrite, n in self.last_counts.items():
+                record(self.name, rewrite, n)
+            self._count_misses(graph, watched, sites)
         finally:
+            self._declined = {}
             for traced in self._traced:
                 traced.forget_traces()
-        for rewrite, n in self.last_counts.items():
-            record(self.name, rewrite, n)
         return sum(self.last_counts.values())
 
+    def _count_misses(self, graph: torch.fx.Graph, watched: list[TracedRewrite], sites: dict) -> None:
+        alive = set(graph.nodes)
+        regions = None
+        for traced in watched:
+            missed = [n for n in sites[traced.name] if n in alive]
+            if not missed:
+                continue
+            record_miss(self.name, traced.name, len(missed))
+            reason = self._declined.get((traced.name, missed[0]))
+            if reason is None:
+                regions = regions or compat.mutation_region_ids(graph)
+                entry = lambda v, m, t=traced: _Entry(self, t, v).evaluate(m)  # noqa: E731
+                reason = diagnosis.why_not(traced, missed[0], entry, regions) or "matched only after the pass ran"
+            misses = Misses(traced.name, tuple(n.name for n in missed), len(sites[traced.name]), reason)
+            self.last_misses[traced.name] = misses
+            log.info("fxfuse: %s/%s missed %d of %d site(s); first at %s: %s", self.name, traced.name,
+                     len(missed), misses.total, misses.sites[0], reason)
+
     def uuid(self) -> str:
-        """The cache key: equal across processes that build the same pass, different otherwise."""
-        return digest([framework_digest(), class_key(type(self)), self.name, self._canon_key, *self._keys])
+        """The cache key: equal across processes that build the same pass, different otherwise.
+
+        Each rewrite's `Rewrite.cache_state` is evaluated now, at every call: Inductor
+        asks at every compile, so a state change (a layer moved to another backend)
+        yields a new key instead of a stale cached graph.
+        """
+        states = [self._state(r) for r in self.rewrites]
+        return digest([framework_digest(), self._class_key, self.name, self._canon_key, *self._keys, *states])
 
     def _count(self, rewrite: str) -> None:
         self.last_counts[rewrite] = self.last_counts.get(rewrite, 0) + 1

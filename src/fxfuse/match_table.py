@@ -1,22 +1,38 @@
-"""Matches per pass and per rewrite, counted so that FX-graph-cache hits still report them.
+"""Matches and near misses per pass and per rewrite, counted so that FX-graph-cache hits
+still report them.
 
-Counts live in Inductor's own counter table under keys ``fxfuse|<pass>|<rewrite>``.
-Inductor records how much each compile moved that table and, when it later serves
-the same graph from its FX graph cache without running any pass, adds the recorded
-amounts again. So the table reports the matches that the graphs in use contain,
-whether this process ran the passes or a cache did.
+Counts live in Inductor's own counter table under keys ``fxfuse|<pass>|<rewrite>``
+(matches) and ``fxfuse-miss|<pass>|<rewrite>`` (near misses). Inductor records how much
+each compile moved that table and, when it later serves the same graph from its FX
+graph cache without running any pass, adds the recorded amounts again. So the tables
+report what the graphs in use contain, whether this process ran the passes or a cache did.
 """
 
 from __future__ import annotations
 
 from . import compat
 
-_PREFIX = "fxfuse|"
+_MATCH = "fxfuse|"
+_MISS = "fxfuse-miss|"
 
 
 def record(pass_name: str, rewrite_name: str, n: int = 1) -> None:
     """Count ``n`` replacements of ``rewrite_name`` by ``pass_name``."""
-    compat.inductor_counters()[f"{_PREFIX}{pass_name}|{rewrite_name}"] += n
+    compat.inductor_counters()[f"{_MATCH}{pass_name}|{rewrite_name}"] += n
+
+
+def record_miss(pass_name: str, rewrite_name: str, n: int = 1) -> None:
+    """Count ``n`` sites of ``rewrite_name`` that ``pass_name`` left unreplaced."""
+    compat.inductor_counters()[f"{_MISS}{pass_name}|{rewrite_name}"] += n
+
+
+def _table(prefix: str) -> dict[str, dict[str, int]]:
+    table: dict[str, dict[str, int]] = {}
+    for key, n in sorted(compat.inductor_counters().items()):
+        if key.startswith(prefix) and n:
+            pass_name, rewrite_name = key[len(prefix) :].split("|", 1)
+            table.setdefault(pass_name, {})[rewrite_name] = n
+    return table
 
 
 def match_table() -> dict[str, dict[str, int]]:
@@ -27,21 +43,28 @@ def match_table() -> dict[str, dict[str, int]]:
         >>> fxfuse.match_table()
         {'rms_quant_fusion': {'RmsNormStaticFp8Quant': 2}}
     """
-    table: dict[str, dict[str, int]] = {}
-    for key, n in sorted(compat.inductor_counters().items()):
-        if key.startswith(_PREFIX) and n:
-            pass_name, rewrite_name = key[len(_PREFIX) :].split("|", 1)
-            table.setdefault(pass_name, {})[rewrite_name] = n
-    return table
+    return _table(_MATCH)
+
+
+def miss_table() -> dict[str, dict[str, int]]:
+    """Near misses so far: per pass and rewrite, the sites where its chain starts (its
+    anchor op) that the graphs compiled so far hold unreplaced. ``fxfuse explain`` says why.
+
+    Example:
+        >>> compiled(x)
+        >>> fxfuse.miss_table()      # the final norm feeds an unquantized head
+        {'rms_quant_fusion': {'FusedAddRmsNormStaticFp8Quant': 1}}
+    """
+    return _table(_MISS)
 
 
 def reset_match_table() -> None:
-    """Forget all counts (e.g. between two compiles whose matches you want apart).
+    """Forget all match and miss counts (e.g. between two compiles you want apart).
 
     Example:
-        >>> fxfuse.reset_match_table(); fxfuse.match_table()
-        {}
+        >>> fxfuse.reset_match_table(); fxfuse.match_table(), fxfuse.miss_table()
+        ({}, {})
     """
     counters = compat.inductor_counters()
-    for key in [k for k in counters if k.startswith(_PREFIX)]:
+    for key in [k for k in counters if k.startswith((_MATCH, _MISS))]:
         del counters[key]

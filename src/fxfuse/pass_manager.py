@@ -43,8 +43,10 @@ class PassManager(compat.custom_graph_pass_base()):  # type: ignore[misc]
         if self.chain is not None:
             self.chain(graph)
         if self.cleanup:
-            graph.eliminate_dead_code()
+            # Sort before dead-code elimination: some releases lint inside it, and a
+            # replacement may have been spliced in ahead of a constant it reads.
             compat.stable_topological_sort(graph)
+            graph.eliminate_dead_code()
             graph.lint()
 
     def uuid(self) -> str | None:

@@ -72,18 +72,52 @@ class Rewrite(abc.ABC):
     def example_inputs(self) -> list[Any]:
         """One sample per argument: TensorSpec/tensor, or float/int/bool/str wildcards."""
 
+    #: Also match where the operands of ``add``/``mul`` appear in the other order
+    #: (``c + a * b`` for a pattern written ``x * y + z``). Each commutative node of the
+    #: pattern doubles the number of search patterns (see docs/design-notes.md).
+    commute: bool = False
+
+    #: Tensor arguments whose dtype is free. By default, arguments whose example inputs
+    #: share a dtype must bind tensors that share a dtype; list an argument here when the
+    #: replacement accepts it in another dtype (say, an fp32 weight on a bf16 activation).
+    free_dtypes: tuple[str, ...] = ()
+
+    #: Whether the anchor sites this rewrite declines count as near misses
+    #: (`fxfuse.miss_table`). False for rewrites whose ``check`` is a choice rather than
+    #: a guard, so a declined site is a decision, not a fusion that failed.
+    report_misses: bool = True
+
     def check(self, match: Match) -> bool:
         """An extra condition on a candidate match; ``match.kwargs`` holds the bound arguments."""
         return True
 
+    def cache_state(self) -> object:
+        """Everything outside the graph and the parameters that `check`/`replacement` read.
+
+        Evaluated each time the pass's cache key is computed (Inductor asks at every
+        compile), so a graph compiled under one state is never served under another.
+        It must have a stable representation (primitives, dtypes, enums, tuples, dicts,
+        dataclasses). Default ``None``: the rewrite reads nothing but the match.
+
+        Example:
+            >>> class OnlyIfEnabled(MulAddToFma):
+            ...     def check(self, match):
+            ...         return FEATURE_FLAGS["fma"]
+            ...     def cache_state(self):
+            ...         return FEATURE_FLAGS["fma"]
+        """
+        return None
+
     @property
     def name(self) -> str:
-        return type(self).__name__
+        """The class name; `FusionPass` names a second instance ``ClassName(param=value, ...)``."""
+        return self.__dict__.get("_fxfuse_name", type(self).__name__)
 
     def parameters(self) -> dict[str, Any]:
         """The instance attributes that parametrize this rewrite, sorted by name."""
         return {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}
 
     def __repr__(self) -> str:
+        """``ClassName(param=value, ...)``: also the name of a second instance in one pass."""
         params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
-        return f"{self.name}({params})"
+        return f"{type(self).__name__}({params})"

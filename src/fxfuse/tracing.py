@@ -16,7 +16,11 @@ which each argument is a variable:
 
 A pattern holding a mutating custom op yields two variants, one per functional form
 (``auto_functionalized`` and ``auto_functionalized_v2``), so it matches whichever the
-post-grad graph holds.
+post-grad graph holds. A rewrite with ``commute = True`` adds a variant per other operand
+order of its ``add``/``mul`` nodes.
+
+Matches are typed (`TracedRewrite.bound_values`): a tensor argument never binds a Python
+number, and tensor arguments whose example inputs share a dtype bind tensors of one dtype.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Argument:
     kind: type  # torch.Tensor, or one of _SCALAR_KINDS
     sample: Any  # TensorSpec for tensors, the sample value for wildcards
     sentinel: Any = None  # the traced stand-in of a str/float wildcard
+    free_dtype: bool = False  # a tensor whose dtype is not tied to its example's dtype group
 
 
 @dataclasses.dataclass
@@ -60,10 +65,68 @@ class Variant:
     pattern: compat.PatternExpr
     graph: torch.fx.GraphModule  # the traced, canonicalized pattern graph
     needs_verification: bool
+    swaps: frozenset[str] = frozenset()  # commutative nodes of `graph` matched with operands swapped
 
     @property
     def v2(self) -> bool:
         return self.form == "v2"
+
+    @property
+    def label(self) -> str:
+        """The form, and the swapped operands of a commuted variant."""
+        return self.form + (f", swapped {', '.join(sorted(self.swaps))}" if self.swaps else "")
+
+    @property
+    def anchor(self) -> Anchor:
+        """The first op this pattern applies to its inputs (see `Anchor`)."""
+        return Anchor.of(self.graph)
+
+
+@dataclasses.dataclass(frozen=True)
+class Anchor:
+    """The op where a rewrite's chain starts: a site of the rewrite is a node running it.
+
+    Inductor searches from a pattern's *output*; fxfuse counts sites and misses from the
+    op the chain *starts* with (``rms_norm`` in norm -> quant), so a norm whose output
+    goes somewhere else than the quant (the final norm of a model, before its head) is
+    a near miss, not invisible. Views and getitems are not anchors. A mutating custom op
+    is anchored on its functional wrapper, holding that op.
+    """
+
+    target: Any
+    wrapped: Any = None  # the custom op inside auto_functionalized(_v2)
+
+    @staticmethod
+    def of(gm: torch.fx.GraphModule) -> Anchor:
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target in _SHAPE_QUERIES or node.target in _SHAPE_OPS:
+                continue
+            if node.target is operator.getitem:
+                continue
+            hops = tuple(compat.auto_functionalized_ops().values())
+            return Anchor(node.target, node.args[0] if node.target in hops else None)
+        raise RewriteError("a pattern must call at least one op")
+
+    def sites(self, graph: torch.fx.Graph) -> list[torch.fx.Node]:
+        nodes = graph.find_nodes(op="call_function", target=self.target)
+        if self.wrapped is not None:
+            nodes = [n for n in nodes if n.args and n.args[0] is self.wrapped]
+        return list(nodes)
+
+    def __str__(self) -> str:
+        if self.wrapped is not None:
+            return f"{_op_name(self.target)}({_op_name(self.wrapped)})"
+        return _op_name(self.target)
+
+
+def _op_name(op: Any) -> str:
+    return str(getattr(op, "__name__", op)) if not isinstance(op, torch._ops.OpOverload) else str(op)
+
+
+# Commutative binary ops: `commute = True` also matches them with operands swapped.
+COMMUTATIVE = frozenset({aten.add.Tensor, aten.mul.Tensor})
+# Each commutative node doubles the search patterns; past this many it is an error.
+MAX_COMMUTATIVE_NODES = 6
 
 
 def _float_sentinel(i: int) -> float:
@@ -111,6 +174,11 @@ def _arguments(rewrite: Rewrite) -> list[Argument]:
                 f"rewrite {name}: example input {i} ({p.name}) is a {type(ex).__name__}; "
                 "use a TensorSpec or tensor, or a float, int, bool or str wildcard"
             )
+    free = getattr(rewrite, "free_dtypes", ())
+    unknown = sorted(set(free) - {a.name for a in args if a.kind is torch.Tensor})
+    if unknown:
+        raise RewriteError(f"rewrite {name}: free_dtypes names {unknown}, which are not tensor arguments of pattern()")
+    args = [dataclasses.replace(a, free_dtype=True) if a.name in free else a for a in args]
     ints = [a for a in args if a.kind in (int, bool)]
     for a in ints:
         twins = [b.name for b in ints if b is not a and b.sample == a.sample]
@@ -125,9 +193,10 @@ def _arguments(rewrite: Rewrite) -> list[Argument]:
 class _ToPattern:
     """Converts a traced graph into a pattern expression, applying the wildcard rules."""
 
-    def __init__(self, args: Sequence[Argument], *, int_wildcards: bool) -> None:
+    def __init__(self, args: Sequence[Argument], *, int_wildcards: bool, swaps: frozenset[str] = frozenset()) -> None:
         self.args = args
         self.int_wildcards = int_wildcards
+        self.swaps = swaps
         self.by_sentinel = {(type(a.sentinel), a.sentinel): a.name for a in args if a.sentinel is not None}
         self.by_sample = {(a.kind, a.sample): a.name for a in args if a.kind in (int, bool)}
         self.ignored_shapes = False
@@ -145,7 +214,7 @@ class _ToPattern:
             return compat.KeywordArg(self.by_sample[key])
         return x
 
-    def convert(self, gm: torch.fx.GraphModule) -> compat.PatternExpr:
+    def convert(self, gm: torch.fx.GraphModule, rewrite: str = "?") -> compat.PatternExpr:
         env: dict[torch.fx.Node, Any] = {}
         placeholders = iter(self.args)
         out: Any = None
@@ -162,6 +231,8 @@ class _ToPattern:
                     env.get(v, compat.Ignored()) if isinstance(v, torch.fx.Node) else self.leaf(v, t)
                 )
                 args = tuple(_map(conv, a) for a in node.args)
+                if node.name in self.swaps:
+                    args = (args[1], args[0], *args[2:])
                 if node.target in _SHAPE_OPS and len(args) > 1:
                     # Sizes differ from the examples and may be symbolic: verified, not matched.
                     self.ignored_shapes = True
@@ -173,11 +244,15 @@ class _ToPattern:
             elif node.op == "output":
                 out = node.args[0]
             else:
-                raise RewriteError(f"unsupported node {node.format_node()} in traced pattern")
+                raise RewriteError(f"rewrite {rewrite}: unsupported node {node.format_node()} in the traced pattern")
         outs = [env[o] if isinstance(o, torch.fx.Node) else o for o in _flatten(out)]
-        for o in outs:
+        for i, o in enumerate(outs):
             if not isinstance(o, compat.PatternExpr) or isinstance(o, compat.KeywordArg):
-                raise RewriteError("every output of a pattern must be computed by an op, not be an input or constant")
+                what = f"its argument {o.name}" if isinstance(o, compat.KeywordArg) else f"the constant {o!r}"
+                raise RewriteError(
+                    f"rewrite {rewrite}: output {i} of pattern() is {what}; every output of a pattern must be "
+                    "computed by an op (a pattern that returns an input has nothing to replace)"
+                )
         return outs[0] if len(outs) == 1 else compat.MultiOutputPattern(outs)
 
 
@@ -268,13 +343,38 @@ class TracedRewrite:
         values = self._trace_values()
         gm = self._trace(self.rewrite.pattern, values, v2=True, what="pattern")
         if not _has_auto_functionalized(gm):
-            return [self._variant("functional", gm)]
-        gm_v1 = self._trace(self.rewrite.pattern, values, v2=False, what="pattern")
-        return [self._variant("v2", gm), self._variant("v1", gm_v1)]
+            forms = [("functional", gm)]
+        else:
+            forms = [("v2", gm), ("v1", self._trace(self.rewrite.pattern, values, v2=False, what="pattern"))]
+        variants = [self._variant(form, g) for form, g in forms]
+        if getattr(self.rewrite, "commute", False):
+            variants += self.commuted(variants)
+        return variants
 
-    def _variant(self, form: str, gm: torch.fx.GraphModule) -> Variant:
-        conv = _ToPattern(self.args, int_wildcards=True)
-        pattern = conv.convert(gm)
+    def commuted(self, variants: Sequence[Variant]) -> list[Variant]:
+        """Every other operand order of the commutative nodes of ``variants``.
+
+        Patterns, not traces: a swap only reorders two arguments of a converted node, so
+        it costs a conversion (microseconds) per variant at registration, and one more
+        pattern tried per anchor node at match time.
+        """
+        out = []
+        for base in variants:
+            nodes = _commutative_nodes(base.graph)
+            if len(nodes) > MAX_COMMUTATIVE_NODES:
+                raise RewriteError(
+                    f"rewrite {self.name}: commute = True with {len(nodes)} commutative nodes would register "
+                    f"{2 ** len(nodes)} search patterns; at most {MAX_COMMUTATIVE_NODES} are allowed "
+                    "(split the rewrite, or write the operand orders you need as separate rewrites)"
+                )
+            for mask in range(1, 2 ** len(nodes)):
+                swaps = frozenset(n for i, n in enumerate(nodes) if mask >> i & 1)
+                out.append(self._variant(base.form, base.graph, swaps))
+        return out
+
+    def _variant(self, form: str, gm: torch.fx.GraphModule, swaps: frozenset[str] = frozenset()) -> Variant:
+        conv = _ToPattern(self.args, int_wildcards=True, swaps=swaps)
+        pattern = conv.convert(gm, self.name)
         unused = [a.name for a in self.args if a.name not in conv.used]
         if unused:
             raise RewriteError(
@@ -283,7 +383,7 @@ class TracedRewrite:
                 "or write exact values as constants in the pattern body)"
             )
         needs = conv.ignored_shapes or any(a.kind in (int, bool) for a in self.args)
-        return Variant(form, pattern, gm, needs)
+        return Variant(form, pattern, gm, needs, swaps)
 
     def _check_replacement(self) -> None:
         values = self._trace_values()
@@ -303,18 +403,44 @@ class TracedRewrite:
     # -- matching -----------------------------------------------------------------
 
     def bound_values(self, match: compat.Match) -> list[Any]:
-        """The matched value of each argument: fake tensors for tensors, literals for wildcards."""
+        """The matched value of each argument: fake tensors for tensors, literals for wildcards.
+
+        Matches are typed: a tensor argument binds a tensor, never a Python number; a
+        wildcard binds a literal of its kind; tensor arguments whose example inputs share
+        a dtype bind tensors that share a dtype (unless listed in ``free_dtypes``).
+        """
         values = []
         for a in self.args:
             v = match.kwargs[a.name]
-            if isinstance(v, torch.fx.Node):
+            if a.kind is torch.Tensor:
+                if not isinstance(v, torch.fx.Node):
+                    raise _Skip(f"argument {a.name} is bound to the Python {type(v).__name__} {v!r}, not a tensor")
                 v = v.meta.get("val")
                 if not isinstance(v, torch.Tensor):
-                    raise _Skip(f"argument {a.name} has no tensor metadata in the graph")
-            elif a.kind is not torch.Tensor and type(v) is not a.kind and not (a.kind is float and type(v) is int):
-                raise _Skip(f"wildcard {a.name} bound to {v!r}, expected a {a.kind.__name__}")
+                    raise _Skip(f"argument {a.name} is bound to {match.kwargs[a.name].name}, which is not a tensor")
+            elif isinstance(v, torch.fx.Node):
+                raise _Skip(f"wildcard {a.name} is bound to the node {v.name}, not a {a.kind.__name__} constant")
+            elif type(v) is not a.kind and not (a.kind is float and type(v) is int):
+                raise _Skip(f"wildcard {a.name} is bound to {v!r}, a {type(v).__name__}, not a {a.kind.__name__}")
             values.append(v)
+        self._check_dtypes(values)
         return values
+
+    def _check_dtypes(self, values: Sequence[Any]) -> None:
+        first: dict[torch.dtype, tuple[str, torch.dtype]] = {}
+        for a, v in zip(self.args, values):
+            if a.kind is not torch.Tensor or a.free_dtype:
+                continue
+            want = a.sample.dtype
+            if want not in first:
+                first[want] = (a.name, v.dtype)
+                continue
+            other, dtype = first[want]
+            if v.dtype != dtype:
+                raise _Skip(
+                    f"argument {a.name} is {_dtype(v.dtype)} but {other} is {_dtype(dtype)}; their example inputs "
+                    f"share a dtype ({_dtype(want)}), so they must too (list {a.name} in free_dtypes to allow it)"
+                )
 
     def trace_with(self, fn: Callable[..., Any], values: Sequence[Any], *, v2: bool, what: str) -> torch.fx.GraphModule:
         """Trace ``fn`` on fresh tensors like the matched values, in the graph's own fake mode."""
@@ -346,15 +472,31 @@ class TracedRewrite:
 
         def build() -> tuple[list[Any], compat.PatternExpr]:
             specific = self.trace_with(self.rewrite.pattern, generic, v2=variant.v2, what="pattern")
-            return output_metas(specific), _ToPattern(self.args, int_wildcards=False).convert(specific)
+            # The re-trace names its nodes as the registration trace did, so the swaps carry over.
+            conv = _ToPattern(self.args, int_wildcards=False, swaps=variant.swaps)
+            return output_metas(specific), conv.convert(specific, self.name)
 
-        got, exact = self._memoized(("pattern", variant.form, _signature(generic)), build)
+        got, exact = self._memoized(("pattern", variant.form, variant.swaps, _signature(generic)), build)
         want = [tensor_meta(n) for n in match.output_nodes()]
         if want != got:
             raise _Skip(f"pattern re-traced with the matched values gives {got}, the graph holds {want}")
         result = exact.match(match.output_nodes()[0])
         if not compat.is_match(result):
             raise _Skip(f"pattern re-traced with the matched values does not match: {result}")
+
+
+def _commutative_nodes(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the add/mul nodes of a pattern graph whose two operands are distinct values."""
+    return [
+        n.name for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in COMMUTATIVE and len(n.args) >= 2
+        and all(isinstance(a, torch.fx.Node) for a in n.args[:2]) and n.args[0] is not n.args[1]
+        and n.kwargs.get("alpha", 1) == 1  # a + alpha * b does not commute
+    ]
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _specialize(gm: torch.fx.GraphModule, subst: dict[tuple[type, Any], Any]) -> torch.fx.GraphModule:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import get_layer
+from ..attention import get_layer, registered_layer_names
 from ..fusion_pass import FusionPass
 from ..rewrite import Rewrite, TensorSpec
 from ._common import FP8, is_fp32_scalar, same_model_dtype, scale, val
@@ -36,8 +36,29 @@ def _backend_supports(match, scheme: str) -> bool:
     return layer.backend.supports_output_quant(scheme)
 
 
-class AttentionStaticFp8Quant(Rewrite):
+class _AttentionQuant(Rewrite):
+    """What both attention rewrites share: ``check`` reads the layer registry, so its
+    state is part of the cache key."""
+
+    SCHEME: str  # the output quant scheme the fused attention writes
+
+    def cache_state(self):
+        """Each registered layer's backend and whether it fuses this rewrite's scheme.
+
+        >>> AttentionStaticFp8Quant().cache_state()  # doctest: +SKIP
+        {'model.layers.0.self_attn': ('native', True)}
+        """
+        state = {}
+        for name in registered_layer_names():
+            backend = get_layer(name).backend
+            state[name] = (backend.name, backend.supports_output_quant(self.SCHEME))
+        return state
+
+
+class AttentionStaticFp8Quant(_AttentionQuant):
     """fp8(attention(q, k, v).reshape(T, H*D) / s)  ->  attention(..., output_scale=s)"""
+
+    SCHEME = "fp8_static"
 
     def pattern(self, q, k, v, out, s, layer_name):
         fx.attention(q, k, v, out, layer_name)
@@ -56,12 +77,14 @@ class AttentionStaticFp8Quant(Rewrite):
         return (
             same_model_dtype(val(match, "q"), val(match, "out"))
             and is_fp32_scalar(val(match, "s"))
-            and _backend_supports(match, "fp8_static")
+            and _backend_supports(match, self.SCHEME)
         )
 
 
-class AttentionNvfp4Quant(Rewrite):
+class AttentionNvfp4Quant(_AttentionQuant):
     """nvfp4(attention(q, k, v).reshape(T, H*D))  ->  attention(..., output_block_scale=...)"""
+
+    SCHEME = "nvfp4"
 
     def pattern(self, q, k, v, out, global_scale, layer_name):
         fx.attention(q, k, v, out, layer_name)
@@ -83,7 +106,7 @@ class AttentionNvfp4Quant(Rewrite):
         return (
             same_model_dtype(val(match, "q"), val(match, "out"))
             and is_fp32_scalar(val(match, "global_scale"))
-            and _backend_supports(match, "nvfp4")
+            and _backend_supports(match, self.SCHEME)
         )
 
 

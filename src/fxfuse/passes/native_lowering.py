@@ -89,6 +89,15 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def present_devices() -> tuple[str, ...]:
+    """The table names of the devices this process has: ``cpu`` and each CUDA device.
+
+    >>> present_devices()[0]
+    'cpu'
+    """
+    return ("cpu", *(device_name(torch.device("cuda", i)) for i in range(torch.cuda.device_count())))
+
+
 def prefers_inductor(entry: dict[str, dict[str, str]], width: int, tokens: Any) -> bool:
     """Whether a table ``entry`` (``{width: {tokens: winner}}``) lowers an op of this shape.
 
@@ -135,6 +144,13 @@ class LowerToNative(Rewrite):
     def example_inputs(self):
         return LOWERINGS[self.op][2]()
 
+    # Declining a site is this pass's decision (the kernel is faster there), not a fusion that failed.
+    report_misses = False
+
+    def cache_state(self):
+        """The devices present: ``check`` looks the graph's device up by name in the table."""
+        return present_devices()
+
     def check(self, match) -> bool:
         x = next(iter(match.kwargs.values())).meta["val"]
         entry = self.table.get(device_name(x.device))
@@ -157,7 +173,7 @@ def native_lowering(choices: Optional[dict[str, Any]] = None) -> FusionPass:
     choices = load_choices() if choices is None else choices
     # Only devices this process has: entries for other GPUs cannot match here, and each
     # rewrite costs ~30 ms to register (a CPU-only process registers none).
-    present = {"cpu"} | {device_name(torch.device("cuda", i)) for i in range(torch.cuda.device_count())}
+    present = set(present_devices())
     per_op: dict[str, dict[str, Any]] = {}
     for dev, ops in sorted(choices["devices"].items()):
         if dev not in present:

@@ -1,0 +1,116 @@
+"""Near misses: counted per pass and rewrite, reset with the match table, logged once per
+compile with the first reason, and replayed on FX-graph-cache hits."""
+
+import logging
+
+import pytest
+import torch
+
+import fxfuse
+from fxfuse import TensorSpec
+from conftest import trace_graph
+
+
+class MulAddRelu(fxfuse.Rewrite):
+    """(x * y + z).relu(): a chain that starts at the mul."""
+
+    def pattern(self, x, y, z):
+        return (x * y + z).relu()
+
+    def replacement(self, x, y, z):
+        return torch.addcmul(z, x, y).relu()
+
+    def example_inputs(self):
+        return [TensorSpec((8, 16))] * 3
+
+
+def _one_match_two_misses(a, b, c):
+    fused = (a * b + c).relu()  # matches
+    shared = a * c  # an extra user: the chain starts here but cannot be replaced
+    no_relu = b * c + a  # the chain stops before the relu
+    return fused, (shared + b).relu(), shared.sum(), no_relu
+
+
+def _graph():
+    return trace_graph(_one_match_two_misses, *[torch.randn(4, 8) for _ in range(3)])
+
+
+def test_misses_are_counted_per_pass_and_rewrite():
+    p = fxfuse.FusionPass("mar", [MulAddRelu()])
+    assert p(_graph()) == 1
+    assert fxfuse.match_table() == {"mar": {"MulAddRelu": 1}}
+    assert fxfuse.miss_table() == {"mar": {"MulAddRelu": 2}}
+    misses = p.last_misses["MulAddRelu"]
+    assert misses.total == 3 and len(misses.sites) == 2
+    p(_graph())  # a second graph adds up
+    assert fxfuse.miss_table() == {"mar": {"MulAddRelu": 4}}
+
+
+def test_reset_clears_misses_with_matches():
+    fxfuse.FusionPass("mar", [MulAddRelu()])(_graph())
+    fxfuse.reset_match_table()
+    assert fxfuse.match_table() == {} and fxfuse.miss_table() == {}
+
+
+def test_each_rewrite_with_misses_logs_once_with_the_first_reason(caplog):
+    class Other(MulAddRelu):
+        def pattern(self, x, y, z):
+            return (x * y - z).relu()
+
+        def replacement(self, x, y, z):
+            return (x * y - z).relu()
+
+    with caplog.at_level(logging.INFO, logger="fxfuse"):
+        fxfuse.FusionPass("mar", [MulAddRelu(), Other()])(_graph())
+    lines = [r.getMessage() for r in caplog.records if r.name == "fxfuse"]
+    mine = [line for line in lines if "mar/MulAddRelu " in line]
+    assert len(mine) == 1, lines
+    assert "missed 2 of 3 site(s); first at mul_1" in mine[0]
+    assert "mul_1 is also used by sum_1" in mine[0]
+    # Other's chain never occurs whole: all three sites are misses, reported in one line.
+    assert len([line for line in lines if "mar/Other " in line]) == 1
+
+
+def test_no_sites_no_misses():
+    p = fxfuse.FusionPass("mar", [MulAddRelu()])
+    assert p(trace_graph(lambda x: x.sin(), torch.randn(3))) == 0
+    assert fxfuse.miss_table() == {} and p.last_misses == {}
+
+
+def test_sites_consumed_by_a_sibling_rewrite_are_not_misses():
+    class MulAddSigmoid(MulAddRelu):
+        def pattern(self, x, y, z):
+            return (x * y + z).sigmoid()
+
+        def replacement(self, x, y, z):
+            return torch.addcmul(z, x, y).sigmoid()
+
+    gm = trace_graph(lambda a, b, c: ((a * b + c).relu(), (b * c + a).sigmoid()), *[torch.randn(4, 4) for _ in range(3)])
+    p = fxfuse.FusionPass("p", [MulAddRelu(), MulAddSigmoid()])
+    assert p(gm) == 2
+    assert fxfuse.miss_table() == {}
+
+
+@pytest.mark.compile
+def test_misses_survive_fx_graph_cache_hit(fresh_inductor_cache):
+    def f(a, b, c):
+        return (a * b + c).relu() + (a * c).sum()
+
+    args = [torch.randn(4, 8) for _ in range(3)]
+    calls = []
+
+    class Counting(fxfuse.PassManager):
+        def __call__(self, graph):
+            calls.append(1)
+            super().__call__(graph)
+
+    mk = lambda: Counting([fxfuse.FusionPass("mar", [MulAddRelu()])])  # noqa: E731
+    torch.compile(f, options={"post_grad_custom_post_pass": mk()})(*args)
+    first = (fxfuse.match_table(), fxfuse.miss_table())
+    assert first == ({"mar": {"MulAddRelu": 1}}, {"mar": {"MulAddRelu": 1}})
+
+    fxfuse.reset_match_table()
+    torch._dynamo.reset()
+    torch.compile(f, options={"post_grad_custom_post_pass": mk()})(*args)
+    assert len(calls) == 1, "expected an FX graph cache hit"
+    assert (fxfuse.match_table(), fxfuse.miss_table()) == first
