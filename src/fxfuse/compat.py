@@ -177,3 +177,28 @@ def define_mutating_op(qualname: str, schema: str, impl: Callable[..., Any], fak
     lib.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=lib)
     return getattr(getattr(torch.ops, namespace), name).default
+
+
+# --------------------------------------------------------------------------- reading tensor data
+
+
+def has_readable_data(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read here (``t.item()``) without tracing breaking.
+
+    False while ``torch.compile`` traces (Dynamo folds ``is_compiling()`` to True, so the
+    rest is never traced), and for tensors that hold no data of their own: fake and
+    meta tensors (fake impls, pattern tracing) and functionalization or functorch
+    wrappers (AOT tracing). An op's real implementation gets plain tensors, so a check
+    skipped at trace time still runs when the compiled graph calls the op.
+
+    >>> has_readable_data(torch.ones(1)), has_readable_data(torch.ones(1, device="meta"))
+    (True, False)
+    """
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "meta" or is_fake(t) or isinstance(t, FunctionalTensor):
+        return False
+    return not (torch._is_functional_tensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t))

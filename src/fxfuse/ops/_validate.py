@@ -10,15 +10,21 @@ qualified name and names the offending argument, e.g.::
 Type errors (an argument that is not a tensor, a dtype argument that is not a dtype)
 raise ``TypeError``; everything else raises ``ValueError``.
 
-The checks only read metadata (dtype, shape, strides, device), never data, so they
-are safe to run on fake tensors.
+The checks read metadata (dtype, shape, strides, device), never data, so they are
+safe to run on fake tensors. The one exception, :func:`check_scale_value`, reads a
+scale's value and skips itself where there is no value to read (fake tensors, tracing)
+or where reading it would sync a GPU (see its docstring).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import torch
+
+from .. import compat
+from ._dispatch import should_check_values
 
 #: dtypes accepted where the contract says "model dtype" (bf16, fp16) plus fp32.
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
@@ -148,6 +154,42 @@ def check_optional_scalar_scale(
     """Like :func:`check_scalar_scale`, but ``None`` is allowed."""
     if scale is not None:
         check_scalar_scale(op, name, scale, ref_name, ref)
+
+
+def check_scale_value(op: str, name: str, scale: Optional[torch.Tensor]) -> None:
+    """A static scale's *value* must be a positive, finite number; ``None`` passes.
+
+    Call it after the metadata checks of ``scale``. A scale that is 0, negative, NaN or
+    infinite is otherwise accepted and silently turns the op's output into NaN, zeros,
+    saturated values or their negation, whether the op divides by it or multiplies.
+    Every element is checked (one for the per-tensor scales of today's ops).
+
+    The check reads data, so it only runs where that is possible and cheap:
+
+    - not on fake or meta tensors, nor while ``torch.compile`` traces
+      (:func:`fxfuse.compat.has_readable_data`): fake impls call the same validators,
+      and the op's real implementation checks the value when the compiled graph runs;
+    - on CUDA only with ``FXFUSE_CHECK_SCALES=1`` and never during CUDA graph capture
+      (:func:`fxfuse.ops._dispatch.should_check_values`): reading a value syncs the device.
+
+    >>> check_scale_value("static_scaled_fp8_quant", "scale", torch.tensor([-0.5]))
+    Traceback (most recent call last):
+    ...
+    ValueError: fxfuse.static_scaled_fp8_quant: `scale` must be a positive finite number, got -0.5
+    """
+    if scale is None or not compat.has_readable_data(scale) or not should_check_values(scale.device):
+        return
+    if scale.numel() == 1:  # every per-tensor scale: one host read, no extra kernels
+        value, where = scale.item(), ""
+    else:
+        flat = scale.detach().reshape(-1)
+        bad = ~(torch.isfinite(flat) & (flat > 0))
+        if not bad.any():
+            return
+        index = int(bad.nonzero()[0])
+        value, where = flat[index].item(), f" (element {index} of {flat.numel()})"
+    if not (math.isfinite(value) and value > 0):  # also rejects NaN and -0.0
+        raise ValueError(f"{_prefix(op)}: `{name}` must be a positive finite number, got {value}{where}")
 
 
 def check_out_dtype(op: str, name: str, dtype: Any) -> None:

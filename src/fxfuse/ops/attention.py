@@ -95,6 +95,7 @@ def _check_output(
         V.check_like(OP, "output", output, "query", query)
         return scheme
     V.check_scalar_scale(OP, "output_scale", output_scale, "query", query)
+    V.check_scale_value(OP, "output_scale", output_scale)
     V.check_tensor(OP, "output", output)
     if scheme == "fp8_static":
         V.check_fp8(OP, "output", output)

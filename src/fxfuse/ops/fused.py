@@ -80,6 +80,7 @@ def validate_rms_norm_static_fp8_quant(
     op = "rms_norm_static_fp8_quant"
     validate_rms_norm(x, weight, eps, op=op)
     V.check_scalar_scale(op, "scale", scale, "x", x)
+    V.check_scale_value(op, "scale", scale)
 
 
 def validate_fused_add_rms_norm_static_fp8_quant(
@@ -88,6 +89,7 @@ def validate_fused_add_rms_norm_static_fp8_quant(
     op = "fused_add_rms_norm_static_fp8_quant"
     validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
     V.check_scalar_scale(op, "scale", scale, "x", x)
+    V.check_scale_value(op, "scale", scale)
 
 
 def validate_rms_norm_dynamic_per_token_fp8_quant(
@@ -96,6 +98,7 @@ def validate_rms_norm_dynamic_per_token_fp8_quant(
     op = "rms_norm_dynamic_per_token_fp8_quant"
     validate_rms_norm(x, weight, eps, op=op)
     V.check_optional_scalar_scale(op, "scale_ub", scale_ub, "x", x)
+    V.check_scale_value(op, "scale_ub", scale_ub)
 
 
 def validate_fused_add_rms_norm_dynamic_per_token_fp8_quant(
@@ -108,12 +111,14 @@ def validate_fused_add_rms_norm_dynamic_per_token_fp8_quant(
     op = "fused_add_rms_norm_dynamic_per_token_fp8_quant"
     validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
     V.check_optional_scalar_scale(op, "scale_ub", scale_ub, "x", x)
+    V.check_scale_value(op, "scale_ub", scale_ub)
 
 
 def validate_silu_and_mul_static_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> None:
     op = "silu_and_mul_static_fp8_quant"
     validate_silu_and_mul(x, op=op)
     V.check_scalar_scale(op, "scale", scale, "x", x)
+    V.check_scale_value(op, "scale", scale)
 
 
 # --------------------------------------------------------------------------- ops

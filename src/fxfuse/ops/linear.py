@@ -86,6 +86,15 @@ def validate_fp8_linear(
     V.check_same_device(op, "x_scale", x_scale, "x_q", x_q)
 
     V.check_scalar_scale(op, "w_scale", w_scale, "x_q", x_q)
+    # The per-tensor scales are static multipliers the caller supplies: 0, a negative,
+    # NaN or inf would zero, negate or poison the whole output without a word. A
+    # per-token `x_scale` is not checked: the dynamic quant derives it from the
+    # activation (never below its positive floor), so a non-finite entry is that row's
+    # own inf/NaN propagating, as through every other op, and checking it would cost a
+    # reduction over the tokens per call.
+    if _is_per_tensor(x_scale):
+        V.check_scale_value(op, "x_scale", x_scale)
+    V.check_scale_value(op, "w_scale", w_scale)
     V.check_out_dtype(op, "out_dtype", out_dtype)
 
     if bias is not None:
@@ -172,7 +181,9 @@ def fp8_linear(
 
     ``x_q`` (``[..., in]``) and ``w_q`` (``[out, in]``) are float8_e4m3fn and contiguous;
     ``x_scale`` is fp32, per-tensor (one element) or per-token (``x_q.shape[:-1] + (1,)``);
-    ``w_scale`` is fp32 with one element; ``bias`` (optional) is ``[out]`` in ``out_dtype``.
+    ``w_scale`` is fp32 with one element; per-tensor scales must be positive and finite
+    (checked, see ``docs/kernels.md``, "Values"); ``bias`` (optional) is ``[out]`` in
+    ``out_dtype``.
 
     >>> x_q, x_scale = torch.ops.fxfuse.dynamic_per_token_fp8_quant(x)
     >>> y = torch.ops.fxfuse.fp8_linear(x_q, w_q, x_scale, w_scale, None, torch.bfloat16)

@@ -7,9 +7,9 @@ consecutive elements along ``K``, on top of an fp32 per-tensor ``global_scale``;
 
 The format (the contract every implementation of these ops meets, bit for bit):
 
-- ``global_scale`` is a *multiplier* (fp32, one element), typically
-  ``448 * 6 / amax(x)``, so that the largest block scale lands at the top of the
-  float8_e4m3fn range.
+- ``global_scale`` is a *multiplier* (fp32, one element, positive and finite: the ops
+  reject anything else), typically ``448 * 6 / amax(x)``, so that the largest block
+  scale lands at the top of the float8_e4m3fn range.
 - Per row and per block of 16 elements, in fp32: ``vmax = max|x|``;
   ``sf = float8_e4m3fn(min(vmax / 6 * global_scale, 448))`` (the cast rounds to
   nearest even); ``inv = global_scale / float(sf)``, or ``0`` where ``sf == 0``.
@@ -31,7 +31,9 @@ The format (the contract every implementation of these ops meets, bit for bit):
 
 Non-finite input: ``+-inf`` saturates to code ``+-6`` and gives its block the largest
 scale (448). NaN is not supported; the reference gives a block that contains NaN a NaN
-scale byte (0x7F) and all-zero codes, but device kernels need not match that.
+scale byte (0x7F) and all-zero codes, so the whole block dequantizes to NaN; the Triton
+kernels instead ignore the NaN in the block's max and encode it as 0 (see
+``docs/kernels.md``, "Values").
 """
 
 import math
@@ -252,6 +254,7 @@ def validate_nvfp4_quant(
     V.check_activation(op, x_name, x)
     _check_nvfp4_k(op, x_name, x.shape[-1], x.shape)
     V.check_scalar_scale(op, "global_scale", global_scale, x_name, x)
+    V.check_scale_value(op, "global_scale", global_scale)
 
 
 def validate_silu_and_mul_nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> None:
@@ -259,6 +262,7 @@ def validate_silu_and_mul_nvfp4_quant(x: torch.Tensor, global_scale: torch.Tenso
     validate_silu_and_mul(x, op=op)
     _check_nvfp4_k(op, "x", x.shape[-1] // 2, x.shape, what="a last dim 2 * K")
     V.check_scalar_scale(op, "global_scale", global_scale, "x", x)
+    V.check_scale_value(op, "global_scale", global_scale)
 
 
 def nvfp4_empty(x: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,8 +281,8 @@ def nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tens
     """Quantize ``x`` to NVFP4; returns ``(q, block_scales)``.
 
     ``x`` is ``[..., K]`` (bf16, fp16 or fp32, contiguous, ``K`` a multiple of 16), read as
-    ``M`` rows; ``global_scale`` is an fp32 one-element multiplier, typically
-    ``448 * 6 / amax(x)``. ``q`` is uint8 ``[M, K // 2]`` (E2M1 codes, low nibble first);
+    ``M`` rows; ``global_scale`` is an fp32 one-element multiplier, positive and finite,
+    typically ``448 * 6 / amax(x)``. ``q`` is uint8 ``[M, K // 2]`` (E2M1 codes, low nibble first);
     ``block_scales`` is float8_e4m3fn ``[round_up(M, 128), round_up(K // 16, 4)]`` in the
     128x4 swizzled layout. ``x ~= e2m1(q) * block_scale / global_scale``.
 

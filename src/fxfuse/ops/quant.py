@@ -67,6 +67,7 @@ def validate_static_scaled_fp8_quant(
     """Checks for a static quant's input and scale; ``op`` names the op in messages."""
     V.check_activation(op, x_name, x)
     V.check_scalar_scale(op, "scale", scale, x_name, x)
+    V.check_scale_value(op, "scale", scale)
 
 
 def validate_dynamic_per_token_fp8_quant(
@@ -80,6 +81,7 @@ def validate_dynamic_per_token_fp8_quant(
     if x.shape[-1] == 0:
         raise ValueError(f"fxfuse.{op}: `{x_name}` must have a non-empty last dim, got shape {tuple(x.shape)}")
     V.check_optional_scalar_scale(op, "scale_ub", scale_ub, x_name, x)
+    V.check_scale_value(op, "scale_ub", scale_ub)
 
 
 def fp8_empty_like(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,8 @@ def per_token_scales_empty(x: torch.Tensor) -> torch.Tensor:
 def static_scaled_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Quantize ``x`` to float8_e4m3fn with a per-tensor dequant ``scale`` (``x ~= q * scale``).
 
-    ``x`` is bf16, fp16 or fp32 and contiguous; ``scale`` is fp32 with one element.
+    ``x`` is bf16, fp16 or fp32 and contiguous; ``scale`` is fp32 with one element,
+    positive and finite (checked: see ``docs/kernels.md``, "Values").
 
     >>> x = torch.randn(4, 64, dtype=torch.bfloat16)
     >>> scale = torch.tensor([0.01])
@@ -127,7 +130,8 @@ def dynamic_per_token_fp8_quant(
     """Quantize each row of ``x`` to float8_e4m3fn with its own scale; returns ``(q, scales)``.
 
     ``scales`` is fp32 of shape ``x.shape[:-1] + (1,)``; ``q * scales ~= x``. ``scale_ub``
-    (fp32, one element) caps each row's absolute maximum before the scale is derived.
+    (fp32, one element, positive and finite) caps each row's absolute maximum before the
+    scale is derived.
 
     >>> x = torch.randn(4, 64, dtype=torch.bfloat16)
     >>> q, scales = torch.ops.fxfuse.dynamic_per_token_fp8_quant(x)
