@@ -126,3 +126,133 @@ def test_stable_repr_rejects_objects_with_addresses():
     with pytest.raises(fxfuse.RewriteError, match="no stable representation"):
         cache_key.stable_repr(object(), "parameter 'x'")
     assert cache_key.stable_repr({"b": torch.float16, "a": (1, 2.5)}, "p") == cache_key.stable_repr({"a": (1, 2.5), "b": torch.float16}, "p")
+
+
+# ---------------------------------------------------------------- rewrites without source
+
+UNSOURCED = textwrap.dedent(
+    '''
+    import torch, fxfuse
+
+    def helper(x):
+        return x * 5
+
+    class Unsourced(fxfuse.Rewrite):
+        def pattern(self, x):
+            return x * 3
+        def replacement(self, x):
+            return helper(x) - x * 2
+        def example_inputs(self):
+            return [fxfuse.TensorSpec((4, 4), {{"keys": torch.float32}}["keys"])]
+
+    print(fxfuse.FusionPass("p", [Unsourced()]).uuid())
+    '''
+)
+
+
+def _key_in_subprocess(how: str, source: str, seed: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONHASHSEED": seed}
+    args = [sys.executable, "-c", source] if how == "-c" else [sys.executable, "-"]
+    out = subprocess.run(args, input=source if how == "stdin" else None, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()[-1]
+
+
+def _key_in_exec(source: str) -> str:
+    ns = {"__name__": "generated"}  # no module, no file: as in a notebook kernel or exec
+    exec(compile(source.replace("print(", "KEY = ("), "<generated>", "exec"), ns)
+    return ns["KEY"]
+
+
+def test_rewrite_without_source_has_one_key_across_processes():
+    source = UNSOURCED.format()
+    keys = {_key_in_subprocess("-c", source, "1"), _key_in_subprocess("-c", source, "7"),
+            _key_in_subprocess("stdin", source, "3")}
+    assert len(keys) == 1 and len(keys.pop()) == 64
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [("return x * 3", "return x * 4"), ("return x * 5", "return x * 6"), ("x * 2", "x + x"), ("float32", "float16")],
+    ids=["pattern", "module-level helper", "replacement", "example dtype"],
+)
+def test_key_from_code_objects_sees_every_code_change(edit):
+    source = UNSOURCED.format()
+    assert _key_in_exec(source) == _key_in_exec(source)
+    assert _key_in_exec(source) != _key_in_exec(source.replace(*edit))
+
+
+def test_code_fingerprint_ignores_line_numbers_not_constants():
+    ns1, ns2, ns3 = {}, {}, {}
+    exec("def f(x):\n    return x * 2", ns1)
+    exec("\n\n\ndef f(x):\n    return x * 2", ns2)
+    exec("def f(x):\n    return x * 3", ns3)
+    fp = cache_key.code_fingerprint
+    assert fp(ns1["f"]) == fp(ns2["f"]) != fp(ns3["f"])
+
+
+# ---------------------------------------------------------------- cache_state
+
+
+class Flagged(fxfuse.Rewrite):
+    """A rewrite whose check reads state outside the graph, and says so."""
+
+    FLAGS = {"on": True}
+
+    def pattern(self, x):
+        return x * 3
+
+    def replacement(self, x):
+        return x * 4
+
+    def example_inputs(self):
+        return [fxfuse.TensorSpec((4, 4))]
+
+    def check(self, match):
+        return self.FLAGS["on"]
+
+    def cache_state(self):
+        return self.FLAGS["on"]
+
+
+def test_cache_state_is_read_at_every_uuid(monkeypatch):
+    p = fxfuse.FusionPass("p", [Flagged()])
+    on = p.uuid()
+    monkeypatch.setitem(Flagged.FLAGS, "on", False)
+    assert p.uuid() != on, "the key must follow the state without re-registering"
+    monkeypatch.setitem(Flagged.FLAGS, "on", True)
+    assert p.uuid() == on
+
+
+def test_unrepresentable_cache_state_fails_at_register():
+    class Bad(Flagged):
+        def cache_state(self):
+            return object()
+
+    with pytest.raises(fxfuse.RewriteError, match="cache_state\\(\\) of rewrite Bad in pass p is a object"):
+        fxfuse.FusionPass("p", [Bad()])
+
+
+def test_attention_key_follows_each_layers_backend():
+    from fxfuse.attention import AttentionLayer, NativeAttentionBackend, NoQuantNativeBackend, temporary_layers
+    from fxfuse.passes import attn_quant_fusion
+
+    p = attn_quant_fusion()
+    mk = lambda backend: AttentionLayer("keytest.attn", num_heads=4, num_kv_heads=2, head_size=32, backend=backend)  # noqa: E731
+    with temporary_layers(mk(NativeAttentionBackend())):
+        native = p.uuid()
+    with temporary_layers(mk(NoQuantNativeBackend())):
+        noquant = p.uuid()
+    with temporary_layers(mk(NativeAttentionBackend())):
+        assert p.uuid() == native
+    assert native != noquant
+
+
+def test_native_lowering_key_holds_the_devices_present(monkeypatch):
+    nl = sys.modules["fxfuse.passes.native_lowering"]
+
+    table = {"devices": {"cpu": {"rms_norm": {"64": {"5": "inductor"}}}}}
+    p = nl.native_lowering(table)
+    here = p.uuid()
+    monkeypatch.setattr(nl, "present_devices", lambda: ("cpu", "NVIDIA H100 80GB HBM3"))
+    assert p.uuid() != here
