@@ -202,3 +202,82 @@ def has_readable_data(t: torch.Tensor) -> bool:
     if t.device.type == "meta" or is_fake(t) or isinstance(t, FunctionalTensor):
         return False
     return not (torch._is_functional_tensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+# --------------------------------------------------------------------------- block-scaled FP8 GEMM
+
+
+def _blockwise_scaled_mm_call(
+    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    F = torch.nn.functional
+    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
+        # Releases with the explicit-recipe API: say which scaling is meant.
+        recipe = F.ScalingType
+        return F.scaled_mm(a, b, scale_a, recipe.BlockWise1x128, scale_b, recipe.BlockWise128x128,
+                           output_dtype=out_dtype)
+    # Older releases infer the recipe from the scale shapes ([M, K/128] and [K/128, N/128]).
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
+def blockwise_fp8_scaled_mm(
+    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``a @ b`` on FP8 tensor cores with DeepSeek-style block scales.
+
+    ``a`` is ``[M, K]`` row-major FP8 with 1x128 scales ``scale_a [M, K/128]`` stored
+    column-major (strides ``(1, M)``); ``b`` is ``[K, N]`` column-major FP8 (a weight
+    ``[N, K]`` transposed) with 128x128 scales ``scale_b [K/128, N/128]``, the transpose
+    of a row-major ``[N/128, K/128]`` whose rows are padded to a multiple of 4. Only call
+    it where `blockwise_fp8_scaled_mm_supported` says so.
+
+    >>> out = blockwise_fp8_scaled_mm(x_q, w_q.t(), x_scales, w_scales.t(), torch.bfloat16)  # doctest: +SKIP
+    """
+    return _blockwise_scaled_mm_call(a, b, scale_a, scale_b, out_dtype)
+
+
+_BLOCKWISE_SUPPORT: dict[int, bool] = {}
+
+
+def blockwise_fp8_scaled_mm_supported(device: torch.device) -> bool:
+    """Whether `blockwise_fp8_scaled_mm` works on this CUDA device with this torch build.
+
+    It depends on the release, the CUDA/cuBLAS version and the GPU (Hopper with cuBLAS
+    12.9+ at the time of writing), and the scale layouts it wants are not documented, so
+    this runs it once per device on a small odd problem with distinct power-of-two scales
+    and compares with an fp32 computation: a release that rejects it, or reads the scales
+    in another layout, answers False. Not cached while a CUDA graph is being captured
+    (the probe synchronizes), where it answers False.
+
+    >>> blockwise_fp8_scaled_mm_supported(torch.device("cpu"))
+    False
+    """
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _BLOCKWISE_SUPPORT:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _BLOCKWISE_SUPPORT[index] = _probe_blockwise_scaled_mm(torch.device("cuda", index))
+    return _BLOCKWISE_SUPPORT[index]
+
+
+def _probe_blockwise_scaled_mm(device: torch.device) -> bool:
+    m, k, n = 3, 384, 256
+    kb, nb, kb_pad = k // 128, n // 128, 4
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, generator=gen).to(torch.float8_e4m3fn)
+    w = torch.randn(n, k, device=device, generator=gen).to(torch.float8_e4m3fn)
+    # Exact powers of two, all different, so any layout mix-up changes the product.
+    pow2 = lambda *shape: torch.exp2(torch.randint(-3, 4, shape, device=device, generator=gen).float())  # noqa: E731
+    scale_a = pow2(kb, m).t()  # [m, kb], column-major
+    scale_w = pow2(nb, kb_pad)[:, :kb]  # [nb, kb], rows padded to 4
+    try:
+        out = _blockwise_scaled_mm_call(a, w.t(), scale_a, scale_w.t(), torch.bfloat16)
+        torch.cuda.synchronize(device)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    a_f = a.float() * scale_a.repeat_interleave(128, 1)
+    w_f = w.float() * scale_w.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    ref = a_f @ w_f.t()
+    return tuple(out.shape) == (m, n) and bool(torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max())))

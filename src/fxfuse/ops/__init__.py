@@ -11,6 +11,9 @@ submodules):
 - :mod:`.activation`: ``silu_and_mul``
 - :mod:`.linear`: ``fp8_linear``
 - :mod:`.fused`: the norm/activation + FP8 quant fusions
+- :mod:`.group_quant`: per-token-group FP8 (block-scaled activations), alone and fused
+  with ``rms_norm``, ``fused_add_rms_norm`` and ``silu_and_mul``
+- :mod:`.block_linear`: ``block_fp8_linear`` (128x128 block-scaled FP8 weights)
 """
 
 import torch
@@ -21,5 +24,6 @@ FP8_MAX = 448.0
 from . import activation, fused, linear, norm, quant  # noqa: E402  (registers the ops)
 from . import nvfp4  # noqa: E402  (registers the NVFP4 ops)
 from . import attention  # noqa: E402  (registers the paged attention op)
+from . import block_linear, group_quant  # noqa: E402  (registers the block-scaled FP8 ops)
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "activation", "fused", "linear", "norm", "quant"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "activation", "block_linear", "fused", "group_quant", "linear", "norm", "quant"]
