@@ -1,4 +1,5 @@
-"""``rms_quant_fusion``: RMSNorm (with or without the residual add), then FP8 quant."""
+"""``rms_quant_fusion``: RMSNorm (with or without the residual add), then FP8 quant:
+static, dynamic per token, or per token group (block-scaled FP8)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import torch
 
 from ..fusion_pass import FusionPass
 from ..rewrite import Rewrite
-from ._common import activation, is_fp32_scalar, same_model_dtype, scale, val, weight
+from ._common import (
+    GROUP_QUANT_CANONICALIZATIONS,
+    activation,
+    is_fp32_scalar,
+    same_model_dtype,
+    scale,
+    val,
+    weight,
+)
 
 fx = torch.ops.fxfuse
 
@@ -112,6 +121,46 @@ class FusedAddRmsNormDynamicFp8QuantUb(Rewrite):
         return same_model_dtype(val(match, "x"), val(match, "r"), val(match, "w")) and is_fp32_scalar(val(match, "ub"))
 
 
+# Group-quant examples: the sample group size (an int wildcard: one rewrite matches 64 and
+# 128) must divide the example width, and no other literal of the traced pattern may equal it.
+_GROUP_SAMPLE, _GROUP_WIDTH = 128, 256
+
+
+class RmsNormGroupFp8Quant(Rewrite):
+    """per-token-group fp8(rms_norm(x))  ->  rms_norm_group_fp8_quant"""
+
+    def pattern(self, x, w, eps, group_size, column_major_scales):
+        return fx.group_fp8_quant(fx.rms_norm(x, w, eps), group_size, column_major_scales)
+
+    def replacement(self, x, w, eps, group_size, column_major_scales):
+        return fx.rms_norm_group_fp8_quant(x, w, eps, group_size, column_major_scales)
+
+    def example_inputs(self):
+        return [activation(width=_GROUP_WIDTH), weight(width=_GROUP_WIDTH), 1e-6, _GROUP_SAMPLE, False]
+
+    def check(self, match):
+        return same_model_dtype(val(match, "x"), val(match, "w"))
+
+
+class FusedAddRmsNormGroupFp8Quant(Rewrite):
+    """r' = x + r;  per-token-group fp8(rms_norm(r'))  ->  fused_add_rms_norm_group_fp8_quant"""
+
+    def pattern(self, x, r, w, eps, group_size, column_major_scales):
+        y, r_out = fx.fused_add_rms_norm(x, r, w, eps)
+        q, scales = fx.group_fp8_quant(y, group_size, column_major_scales)
+        return q, scales, r_out
+
+    def replacement(self, x, r, w, eps, group_size, column_major_scales):
+        return fx.fused_add_rms_norm_group_fp8_quant(x, r, w, eps, group_size, column_major_scales)
+
+    def example_inputs(self):
+        act = activation(width=_GROUP_WIDTH)
+        return [act, act, weight(width=_GROUP_WIDTH), 1e-6, _GROUP_SAMPLE, False]
+
+    def check(self, match):
+        return same_model_dtype(val(match, "x"), val(match, "r"), val(match, "w"))
+
+
 REWRITES = (
     RmsNormStaticFp8Quant,
     FusedAddRmsNormStaticFp8Quant,
@@ -119,6 +168,8 @@ REWRITES = (
     RmsNormDynamicFp8QuantUb,
     FusedAddRmsNormDynamicFp8Quant,
     FusedAddRmsNormDynamicFp8QuantUb,
+    RmsNormGroupFp8Quant,
+    FusedAddRmsNormGroupFp8Quant,
 )
 
 
@@ -128,4 +179,4 @@ def rms_quant_fusion() -> FusionPass:
     Example:
         >>> p = rms_quant_fusion(); p(gm.graph)
     """
-    return FusionPass("rms_quant_fusion", [cls() for cls in REWRITES])
+    return FusionPass("rms_quant_fusion", [cls() for cls in REWRITES], canonicalize=GROUP_QUANT_CANONICALIZATIONS)
