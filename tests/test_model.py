@@ -533,3 +533,148 @@ def test_config_validation(overrides, field):
 def test_config_frozen():
     with pytest.raises(Exception):
         PRESETS["tiny"].num_layers = 4  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- quant="fp8-block"
+
+# Block-scaled FP8 (per-token-group activations, 128x128 block weights), tiny preset,
+# 2-3 layers, seeds 0-3, PROMPT_LENS: relative error 0.024-0.026, top-1 agreement >= 0.90;
+# doubling one weight block scale gives 0.20-0.24. Bounded as for "fp8".
+FP8_BLOCK_REL_TOL = FP8_REL_TOL
+FP8_BLOCK_MIN_TOP1 = MIN_TOP1_AGREEMENT["fp8"]
+
+
+def _fp8_block(num_layers=2, **overrides):
+    return LlamaForCausalLM(ModelConfig.preset("tiny", num_layers=num_layers, quant="fp8-block", **overrides))
+
+
+def test_fp8_block_config_group_size():
+    assert ModelConfig.preset("tiny", quant="fp8-block").activation_group_size == 64  # hidden 64
+    assert ModelConfig.preset("llama3-8b", quant="fp8-block").activation_group_size == 128
+    wide = dict(hidden_size=256, num_heads=4, head_dim=64, intermediate_size=384)
+    assert ModelConfig.preset("tiny", quant="fp8-block", **wide).activation_group_size == 128
+    assert ModelConfig.preset("tiny", quant="fp8-block", group_size=64, **wide).activation_group_size == 64
+    assert ModelConfig.preset("tiny").activation_group_size is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"quant": "fp8-block", "group_size": 128}, r"ModelConfig\.hidden_size \(64\) must be a multiple of .* \(128\)"),
+        ({"quant": "fp8-block", "group_size": 32}, r"ModelConfig\.group_size must be one of \(64, 128\)"),
+        ({"quant": "fp8-block", "intermediate_size": 96}, r"ModelConfig\.intermediate_size \(96\) must be a multiple"),
+        ({"quant": "fp8", "group_size": 64}, r"ModelConfig\.group_size .* leave it None for quant='fp8'"),
+    ],
+)
+def test_fp8_block_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.preset("tiny", **overrides)
+
+
+def test_fp8_block_linears():
+    from fxfuse.models import BlockFp8Linear
+    from fxfuse.ops.block_linear import dequantize_weight_blocks, weight_scales_shape
+
+    model = _fp8_block()
+    try:
+        linears = model.linears()
+        assert len(linears) == 8 and all(isinstance(m, BlockFp8Linear) for m in linears.values())
+        for m in linears.values():
+            assert m.group_size == 64 and m.weight_q.dtype == torch.float8_e4m3fn
+            assert tuple(m.weight_scales.shape) == weight_scales_shape(m.out_features, m.in_features)
+            assert torch.equal(m.dequantized_weight(), dequantize_weight_blocks(m.weight_q, m.weight_scales))
+        # Nothing to calibrate: the activation scales are dynamic.
+        assert model.calibrate([[1, 2, 3]]) == {}
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_fp8_block_quant_sites_per_layer(num_layers):
+    model = _fp8_block(num_layers)
+    try:
+        gm = _trace(model, random_prompts(model.config, lengths=[6, 3], seed=0))
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        quants = [n for n in calls if n.target is fx.group_fp8_quant.default]
+        n = num_layers
+        assert Counter(_quant_producer(q) for q in quants) == {"norm": 2 * n, "silu_and_mul": n, "attention": n}
+        # Group size 64 (the tiny preset's), column-major scales, each feeding one block linear.
+        for q in quants:
+            assert q.args[1:] == (64, True)
+            (q_out, s_out) = sorted(q.users, key=lambda u: u.args[1])
+            (linear,) = q_out.users
+            assert linear.target is fx.block_fp8_linear.default and linear.args[:2] == (q_out, s_out)
+        targets = Counter(node.target for node in calls)
+        assert targets[fx.block_fp8_linear.default] == 4 * n
+        for other in (fx.fp8_linear, fx.static_scaled_fp8_quant, fx.nvfp4_quant, fx.dynamic_per_token_fp8_quant):
+            assert targets[other.default] == 0
+    finally:
+        model.close()
+
+
+def test_fp8_block_fusions_match_2n_n_0_and_keep_the_logits():
+    """The passes on the model's traced graph: 2n norm-quant and n act-quant fusions; the
+    attention output's group quant stays unfused (no backend fuses group FP8); the fused
+    graph's logits equal the unfused graph's bit for bit, so greedy tokens are identical."""
+    import copy
+
+    import fxfuse
+    from conftest import trace_graph
+
+    model = _fp8_block(3)
+    try:
+        prompts = random_prompts(model.config, lengths=[12, 7, 10], seed=7)
+
+        def run(graph_module):
+            with torch.no_grad(), ModelRunner(model, block_size=8).prefill_context(prompts) as (ids, pos):
+                return graph_module(ids, pos)
+
+        with torch.no_grad(), ModelRunner(model, block_size=8).prefill_context(prompts) as (ids, pos):
+            unfused = trace_graph(model, ids, pos)
+        fused = copy.deepcopy(unfused)
+        fxfuse.reset_match_table()
+        for p in fxfuse.default_passes():
+            p(fused.graph)
+        fused.recompile()
+        table = fxfuse.match_table()
+        assert table.get("rms_quant_fusion") == {"RmsNormGroupFp8Quant": 1, "FusedAddRmsNormGroupFp8Quant": 5}
+        assert table.get("act_quant_fusion") == {"SiluMulGroupFp8Quant": 3}
+        assert sum(table.get("attn_quant_fusion", {}).values()) == 0
+        # What stays unfused: the quant of each layer's attention output (functionalized here).
+        remaining = [n for n in fused.graph.nodes if n.target is fx.group_fp8_quant.default]
+        assert [_quant_producer(q) for q in remaining] == ["auto_functionalized_v2"] * 3
+        a, b = run(unfused), run(fused)
+        assert torch.equal(a, b)
+        assert torch.equal(a, _logits(model, prompts, block_size=8))  # the traced graph is the model
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_fp8_block_close_to_unquantized(num_layers, prompts):
+    model = _fp8_block(num_layers)
+    try:
+        logits, ref = _logits(model, prompts), _reference(model, prompts)
+        assert _rel_err(logits, ref) < FP8_BLOCK_REL_TOL
+        agree = (logits.float().argmax(-1) == ref.float().argmax(-1)).float().mean().item()
+        assert agree > FP8_BLOCK_MIN_TOP1
+    finally:
+        model.close()
+
+
+def test_fp8_block_reference_forward_matches_independent_math(prompts):
+    model = _fp8_block()
+    try:
+        assert _rel_err(_reference(model, prompts), _independent_reference(model, prompts)) < 0.02
+    finally:
+        model.close()
+
+
+def test_fp8_block_bound_catches_wrong_scale(prompts):
+    model = _fp8_block()
+    try:
+        ref = _reference(model, prompts)
+        model.linears()["layers.1.down_proj"].weight_scales.mul_(2.0)  # the quantized path only
+        assert _rel_err(_logits(model, prompts), ref) > FP8_BLOCK_REL_TOL
+    finally:
+        model.close()

@@ -12,11 +12,18 @@ Example:
 """
 
 from .config import PRESETS, QUANT_SCHEMES, ModelConfig
-from .llama import ATTENTION_BACKENDS, Fp8Linear, LlamaForCausalLM, Nvfp4Linear, resolve_attention_backend
+from .llama import (
+    ATTENTION_BACKENDS,
+    BlockFp8Linear,
+    Fp8Linear,
+    LlamaForCausalLM,
+    Nvfp4Linear,
+    resolve_attention_backend,
+)
 from .runner import ModelRunner, RunResult, generate, pack_prompts, random_prompts, run
 
 __all__ = [
     "ModelConfig", "PRESETS", "QUANT_SCHEMES",
-    "LlamaForCausalLM", "Fp8Linear", "Nvfp4Linear", "ATTENTION_BACKENDS", "resolve_attention_backend",
+    "LlamaForCausalLM", "Fp8Linear", "Nvfp4Linear", "BlockFp8Linear", "ATTENTION_BACKENDS", "resolve_attention_backend",
     "ModelRunner", "RunResult", "generate", "pack_prompts", "random_prompts", "run",
 ]

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 import torch
 
 #: Quantization schemes the model can be built with: ``"fp8"`` (static FP8 activations
-#: into every linear) and ``"nvfp4"`` (FP8 into QKV and gate/up; NVFP4 activations and
-#: weights, emulated, into the output and down projections).
-QUANT_SCHEMES = frozenset({"fp8", "nvfp4"})
+#: into every linear), ``"nvfp4"`` (FP8 into QKV and gate/up; NVFP4 activations and
+#: weights, emulated, into the output and down projections) and ``"fp8-block"``
+#: (DeepSeek-V3-style block-scaled FP8 everywhere: per-token-group activations, 128x128
+#: block weights).
+QUANT_SCHEMES = frozenset({"fp8", "nvfp4", "fp8-block"})
 
 #: NVFP4 quantizes blocks of this many elements along the reduction dimension.
 _NVFP4_BLOCK = 16
+#: Activation group sizes of ``"fp8-block"`` (those of ``fxfuse.ops.group_quant``).
+_GROUP_SIZES = (64, 128)
 
 #: Activation dtypes the fxfuse ops accept.
 MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -47,7 +51,13 @@ class ModelConfig:
     - ``"nvfp4"``: the QKV and gate/up projections as in ``"fp8"``; the output and down
       projections take NVFP4 activations (static global scale, 16-element E4M3 block
       scales) and NVFP4 weights, multiplied in fp32 after dequantization (emulated
-      W4A4). Needs ``num_heads * head_dim`` and ``intermediate_size`` to be multiples of 16.
+      W4A4). Needs ``num_heads * head_dim`` and ``intermediate_size`` to be multiples of 16;
+    - ``"fp8-block"``: every linear takes per-token-group FP8 activations (one dynamic
+      fp32 scale per ``group_size`` elements, column-major scales) and FP8 weights with one
+      scale per 128x128 block, as DeepSeek-V3 and Qwen3-FP8 checkpoints do. Nothing is
+      calibrated. ``group_size`` (64 or 128) must divide ``hidden_size`` and
+      ``intermediate_size`` (the linears' input widths); left ``None`` it is 128 where both
+      allow it, else 64.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
@@ -70,6 +80,7 @@ class ModelConfig:
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
     quant: str = "fp8"
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_INT_FIELDS:
@@ -105,6 +116,21 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.quant must be one of {sorted(QUANT_SCHEMES)}, got {self.quant!r}"
             )
+        if self.group_size is not None and self.quant != "fp8-block":
+            raise ValueError(
+                f"ModelConfig.group_size is the activation group size of quant='fp8-block'; "
+                f"leave it None for quant={self.quant!r}"
+            )
+        if self.quant == "fp8-block":
+            group = self.activation_group_size
+            if isinstance(group, bool) or not isinstance(group, int) or group not in _GROUP_SIZES:
+                raise ValueError(f"ModelConfig.group_size must be one of {_GROUP_SIZES} or None, got {group!r}")
+            for name, width in self._linear_input_widths():
+                if width % group != 0:
+                    raise ValueError(
+                        f"ModelConfig.{name} ({width}) must be a multiple of the activation group size "
+                        f"({group}) for quant='fp8-block'"
+                    )
         if self.quant == "nvfp4":
             for name, width in (("intermediate_size", self.intermediate_size), ("hidden_size", self.q_size)):
                 if width % _NVFP4_BLOCK != 0:
@@ -112,6 +138,28 @@ class ModelConfig:
                         f"ModelConfig.{name} ({width}) must be a multiple of {_NVFP4_BLOCK} for "
                         f"quant='nvfp4' (NVFP4 quantizes {_NVFP4_BLOCK}-element blocks)"
                     )
+
+    def _linear_input_widths(self) -> tuple[tuple[str, int], ...]:
+        # QKV, gate/up and o_proj read hidden_size (o_proj's num_heads * head_dim is equal to
+        # it); down_proj reads intermediate_size.
+        return (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size))
+
+    @property
+    def activation_group_size(self) -> int | None:
+        """The per-token-group size of ``quant="fp8-block"`` activations (None for other schemes):
+        ``group_size`` if set, else 128 where every linear input width allows it, else 64.
+
+        Example:
+            >>> ModelConfig.preset("tiny", quant="fp8-block").activation_group_size
+            64
+            >>> ModelConfig.preset("llama3-8b", quant="fp8-block").activation_group_size
+            128
+        """
+        if self.quant != "fp8-block":
+            return None
+        if self.group_size is not None:
+            return self.group_size
+        return 128 if all(width % 128 == 0 for _, width in self._linear_input_widths()) else 64
 
     @property
     def q_size(self) -> int:

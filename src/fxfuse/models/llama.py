@@ -8,11 +8,17 @@ contract. Every decoder layer contains exactly
 - one "``silu_and_mul`` -> quant" chain (before the down projection),
 - one "``attention`` -> ``view`` -> quant" chain (before the output projection),
 
-where "quant" is ``static_scaled_fp8_quant`` with ``quant="fp8"`` and ``nvfp4_quant``
-with ``quant="nvfp4"``; nothing else quantizes. The final norm is not followed by a
-quant (the LM head is a plain matmul in the model dtype). For ``n`` layers the norm-quant
-fusion therefore matches ``2n`` times and the activation- and attention-quant fusions
-``n`` times each.
+where "quant" is ``static_scaled_fp8_quant`` with ``quant="fp8"``, ``nvfp4_quant`` with
+``quant="nvfp4"`` (the SiLU-and-mul and attention chains; the norm chains stay FP8), and
+``group_fp8_quant`` with ``quant="fp8-block"``; nothing else quantizes. The final norm is
+not followed by a quant (the LM head is a plain matmul in the model dtype). For ``n``
+layers the norm-quant fusion therefore matches ``2n`` times and the activation-quant
+fusion ``n`` times; the attention-quant fusion ``n`` times with ``"fp8"`` and ``"nvfp4"``
+and never with ``"fp8-block"``: the attention backends' fused output quant schemes are
+static per-tensor FP8 and NVFP4 (``AttentionBackend.supports_output_quant``), none
+per-token-group, so ``o_proj``'s input is group-quantized by the unfused
+``group_fp8_quant``. (A group epilogue is possible where a group is one head's output,
+``head_dim == group_size``, but no backend has one yet.)
 
 Attention is ``torch.ops.fxfuse.attention`` over a paged KV cache: the forward takes a
 flat batch of tokens (``input_ids [T]``, ``positions [T]``) and must run inside a forward
@@ -51,6 +57,7 @@ from fxfuse.attention import (
     registered_layer_names,
     unregister_layer,
 )
+from fxfuse.ops.block_linear import dequantize_weight_blocks, quantize_weight_blocks
 from fxfuse.ops.nvfp4 import E2M1_MAX, nvfp4_dequantize
 
 from .config import ModelConfig
@@ -308,6 +315,68 @@ class Nvfp4Linear(torch.nn.Module):
         return (x_dq @ self.weight_dequant.t()).to(self.out_dtype)
 
 
+class BlockFp8Linear(torch.nn.Module):
+    """A bias-free linear layer with a 128x128 block-scaled FP8 weight and per-token-group
+    FP8 activations (DeepSeek-V3 / Qwen3-FP8 style).
+
+    ``forward(x)`` is ``x_q, x_scales = group_fp8_quant(x, group_size, True)`` then
+    ``block_fp8_linear(x_q, x_scales, weight_q, weight_scales)``: dynamic scales, one per
+    token and group (column-major, the layout block-FP8 GEMMs read), so nothing is
+    calibrated. The weight is quantized once at construction, one scale per 128x128 block
+    (``amax / 448``).
+
+    Example:
+        >>> lin = BlockFp8Linear(torch.randn(192, 128, dtype=torch.bfloat16), torch.bfloat16, group_size=64)
+        >>> lin(torch.randn(4, 128, dtype=torch.bfloat16)).shape
+        torch.Size([4, 192])
+    """
+
+    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype, group_size: int) -> None:
+        super().__init__()
+        self.out_dtype = out_dtype
+        self.group_size = group_size
+        weight_q, weight_scales = quantize_weight_blocks(weight)
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("weight_scales", weight_scales)
+
+    @property
+    def in_features(self) -> int:
+        """Width of the input."""
+        return self.weight_q.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output."""
+        return self.weight_q.shape[0]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The block-scaled FP8 weight dequantized, in fp32: what the GEMM multiplies by.
+
+        Example:
+            >>> w = torch.randn(256, 128)
+            >>> ((BlockFp8Linear(w, torch.float32, 64).dequantized_weight() - w).norm() / w.norm()) < 0.05
+            tensor(True)
+        """
+        return dequantize_weight_blocks(self.weight_q, self.weight_scales)
+
+    def forward(self, x: torch.Tensor, mode: str = _QUANT) -> torch.Tensor:
+        """``x [tokens, in]`` (contiguous, in the model dtype) -> ``[tokens, out]`` in ``out_dtype``.
+
+        ``mode`` is ``"quant"`` (default) or ``"calibrate"`` (the same: the activation
+        scales are dynamic), or ``"reference"`` (no activation quant; dequantized weight).
+        """
+        if mode == _REFERENCE:
+            return (x.float() @ self.dequantized_weight().t()).to(self.out_dtype)
+        if mode not in (_QUANT, _CALIBRATE):
+            raise ValueError(f"BlockFp8Linear: unknown mode {mode!r}")
+        x_q, x_scales = _fx.group_fp8_quant(x, self.group_size, True)
+        return _fx.block_fp8_linear(x_q, x_scales, self.weight_q, self.weight_scales, None, self.out_dtype)
+
+
+#: Any of the model's quantized linear layers.
+QuantLinear = Union[Fp8Linear, Nvfp4Linear, BlockFp8Linear]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -394,7 +463,15 @@ class LlamaDecoderLayer(torch.nn.Module):
 
         # The linears whose inputs the fusions under test quantize (attention output,
         # SiLU-and-mul output) are NVFP4 in the "nvfp4" scheme; QKV and gate/up stay FP8.
-        resid_linear = Nvfp4Linear if c.quant == "nvfp4" else Fp8Linear
+        # "fp8-block" makes all four block-scaled.
+        if c.quant == "fp8-block":
+            def make_linear(w: torch.Tensor, out_dtype: torch.dtype) -> QuantLinear:
+                return BlockFp8Linear(w, out_dtype, c.activation_group_size)
+
+            in_linear = resid_linear = make_linear
+        else:
+            in_linear = Fp8Linear
+            resid_linear = Nvfp4Linear if c.quant == "nvfp4" else Fp8Linear
 
         # Fan-in scaling keeps every projection's output near unit RMS for any preset;
         # the residual-writing projections (o, down) are shrunk further so the residual
@@ -402,11 +479,11 @@ class LlamaDecoderLayer(torch.nn.Module):
         in_std = c.hidden_size**-0.5
         resid_std = (2 * c.num_layers) ** -0.5
         self.register_buffer("input_norm_weight", (1.0 + randn(c.hidden_size, std=0.05)).to(dt))
-        self.qkv_proj = Fp8Linear(randn(c.q_size + 2 * c.kv_size, c.hidden_size, std=in_std), dt)
+        self.qkv_proj = in_linear(randn(c.q_size + 2 * c.kv_size, c.hidden_size, std=in_std), dt)
         self.o_proj = resid_linear(randn(c.hidden_size, c.q_size, std=c.q_size**-0.5 * resid_std), dt)
         self.register_buffer("post_attention_norm_weight", (1.0 + randn(c.hidden_size, std=0.05)).to(dt))
         # Gate rows first, then up rows: silu_and_mul reads [gate | up] along the last dim.
-        self.gate_up_proj = Fp8Linear(randn(2 * c.intermediate_size, c.hidden_size, std=in_std), dt)
+        self.gate_up_proj = in_linear(randn(2 * c.intermediate_size, c.hidden_size, std=in_std), dt)
         self.down_proj = resid_linear(
             randn(c.hidden_size, c.intermediate_size, std=c.intermediate_size**-0.5 * resid_std), dt
         )
@@ -598,14 +675,14 @@ class LlamaForCausalLM(torch.nn.Module):
         """
         self._finalizer()
 
-    def linears(self) -> dict[str, Union[Fp8Linear, Nvfp4Linear]]:
+    def linears(self) -> dict[str, QuantLinear]:
         """Every quantized linear layer by qualified name, in forward order (four per layer).
 
         Example:
             >>> list(model.linears())[:2]
             ['layers.0.qkv_proj', 'layers.0.o_proj']
         """
-        return {name: m for name, m in self.named_modules() if isinstance(m, (Fp8Linear, Nvfp4Linear))}
+        return {name: m for name, m in self.named_modules() if isinstance(m, (Fp8Linear, Nvfp4Linear, BlockFp8Linear))}
 
     def _forward(
         self,
@@ -684,7 +761,8 @@ class LlamaForCausalLM(torch.nn.Module):
         (one batched prefill, with this model's own temporary KV caches); each site is
         calibrated on the activations that the already-calibrated sites before it
         produce, i.e. exactly what it sees at inference. Returns the new scales
-        (``input_scale`` or ``input_global_scale``) by linear-layer name.
+        (``input_scale`` or ``input_global_scale``) by linear-layer name; block-scaled
+        FP8 sites (``quant="fp8-block"``) quantize with dynamic scales and have none.
 
         Example:
             >>> scales = model.calibrate([[1, 2, 3], [4, 5, 6, 7]])
@@ -700,4 +778,5 @@ class LlamaForCausalLM(torch.nn.Module):
         return {
             name: float((m.input_scale if isinstance(m, Fp8Linear) else m.input_global_scale).item())
             for name, m in self.linears().items()
+            if not isinstance(m, BlockFp8Linear)
         }
