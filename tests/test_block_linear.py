@@ -20,6 +20,7 @@ from conftest import trace_graph
 from fxfuse import compat
 from fxfuse.ops.block_linear import (
     block_fp8_linear_native,
+    block_fp8_linear_path,
     dequantize_weight_blocks,
     quantize_weight_blocks,
     weight_scales_shape,
@@ -157,8 +158,10 @@ def test_bad_weight_scales_fail_at_trace_time():
         trace_graph(lambda a, b, c, d: fx.block_fp8_linear(a, b, c, d), x_q, x_s, w_q, w_s[:, :1])
 
 
-def test_blockwise_scaled_mm_is_never_claimed_off_cuda():
+def test_cpu_runs_the_native_reference():
     assert not compat.blockwise_fp8_scaled_mm_supported(torch.device("cpu"))
+    x_q, x_s, w_q, _ = _problem((3,), 128, 128, 128, True, seed=10)
+    assert block_fp8_linear_path(x_q, x_s, w_q) == "native"
 
 
 # --------------------------------------------------------------------------- the Triton kernel
@@ -204,4 +207,7 @@ def test_cuda_op_matches_native(m, n, k, group_size):
     diff = (out.float() - ref.float()).abs()
     step = 2**-7 * ref.float().abs() + 1e-3 * ref.float().abs().max()
     assert bool((diff <= step).all()), f"max diff {diff.max().item()}"
-    print(f"blockwise torch._scaled_mm supported here: {compat.blockwise_fp8_scaled_mm_supported(x_q.device)}")
+    path = block_fp8_linear_path(x_q, x_s, w_q)
+    assert path == ("scaled_mm" if group_size == 128 and compat.blockwise_fp8_scaled_mm_supported(x_q.device)
+                    else "triton")
+    print(f"block_fp8_linear path: {path}")

@@ -33,10 +33,10 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("fxfuse bench: needs a CUDA device (use --plot-from to draw saved results)", file=sys.stderr)
         return 2
-    from . import attention, e2e, ops
+    from . import attention, e2e, gemm, ops
     from .timing import copy_bandwidth
 
-    sections = args.only.split(",") if args.only else ["ops", "attention", "e2e"]
+    sections = args.only.split(",") if args.only else ["ops", "gemm", "attention", "e2e"]
     results = dict(environment(), copy_bandwidth_GBps=copy_bandwidth() / 1e9)
     print(f"fxfuse bench on {results['device']}, torch {results['torch']}, triton {results['triton']}; "
           f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s; times are medians of CUDA-graph replays (us)")
@@ -52,12 +52,15 @@ def main(args: argparse.Namespace) -> int:
             with open(args.write_choices, "w") as f:
                 json.dump(table, f, indent=1, sort_keys=True)
             print(f"kernel choices written to {args.write_choices}")
+    if "gemm" in sections:
+        print("\nblock-scaled FP8 GEMM (block_fp8_linear vs torch._scaled_mm with per-tensor scales):")
+        results["gemm"] = gemm.run(tokens=tuple(int(t) for t in args.tokens.split(",")) if args.tokens else gemm.TOKENS)
     if "attention" in sections:
         print("\nattention (32 query heads, 8 KV heads, head size 128, bf16, KV block 16):")
         results["attention"] = attention.run(bw)
     if "e2e" in sections:
-        print("\nend to end (Llama-3-8B layer shapes, FP8, triton attention, CUDA graphs):")
-        results["e2e"] = e2e.run(layers=args.layers)
+        print("\nend to end (Llama-3-8B layer shapes, FP8 and block-scaled FP8, triton attention, CUDA graphs):")
+        results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -68,10 +71,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--only", help="comma-separated sections: ops,attention,e2e (default: all)")
+    p.add_argument("--only", help="comma-separated sections: ops,gemm,attention,e2e (default: all)")
     p.add_argument("--ops", help="comma-separated op names to benchmark (default: all)")
-    p.add_argument("--tokens", help="comma-separated token counts for the op benchmark (default: 1,16,256,4096,32768)")
+    p.add_argument("--tokens", help="comma-separated token counts for the op and GEMM benchmarks "
+                                    "(default: 1,16,256,4096,32768 and 1,16,256,4096,16384)")
     p.add_argument("--layers", type=int, default=4, help="layers of the end-to-end model (default 4)")
+    p.add_argument("--e2e-quant", default="fp8,fp8-block",
+                   help="comma-separated quant schemes of the end-to-end model (default: fp8,fp8-block)")
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--png", help="write the plot here (default: next to --json)")
     p.add_argument("--write-choices", metavar="PATH", help="write the measured kernel-vs-Inductor table for native_lowering")

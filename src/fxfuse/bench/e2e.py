@@ -2,7 +2,9 @@
 shapes, compiled with and without ``default_passes()``, timed as CUDA-graph replays.
 
 Both variants run on the triton attention backend and fxfuse's kernels; the only
-difference is the fusion passes (and native lowering), which is what this measures.
+difference is the fusion passes (and native lowering), which is what this measures. One
+model per quant scheme (``"fp8"``: static per-tensor FP8; ``"fp8-block"``: block-scaled
+FP8, groups of 128).
 """
 
 from __future__ import annotations
@@ -28,10 +30,19 @@ def _batch(cfg, seqs: int, new: int, total: int):
     return meta, ids, positions, per * seqs
 
 
-def run(layers: int = 4, log=print) -> list[dict]:
+def run(layers: int = 4, quants: tuple[str, ...] = ("fp8", "fp8-block"), log=print) -> list[dict]:
+    rows = []
+    for quant in quants:
+        rows += _run_model(layers, quant, log)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _run_model(layers: int, quant: str, log) -> list[dict]:
     from ..models import LlamaForCausalLM, ModelConfig
 
-    cfg = ModelConfig.preset("llama3-8b", quant="fp8", num_layers=layers)
+    cfg = ModelConfig.preset("llama3-8b", quant=quant, num_layers=layers)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg, device="cuda", attention_backend="triton")
     variants = {
@@ -55,11 +66,12 @@ def run(layers: int = 4, log=print) -> list[dict]:
                 for name, fwd in variants.items():
                     fwd(ids, positions)  # compile (once per variant and T == 1 / T > 1) and validate metadata
                     times[name] = graph_us(lambda: fwd(ids, positions), warmup=2)
-            row = dict(phase=phase, seqs=seqs, new_tokens=new, context=total, layers=layers,
+            row = dict(quant=quant, phase=phase, seqs=seqs, new_tokens=new, context=total, layers=layers,
                        unfused_us=times["unfused"], fused_us=times["fused"],
                        speedup=times["unfused"] / times["fused"])
             rows.append(row)
-            log(f"  {phase:7s} {seqs:3d} seq x {new:4d} new (ctx {total:4d}): unfused {times['unfused']:9.1f} us  "
+            log(f"  {quant:9s} {phase:7s} {seqs:3d} seq x {new:4d} new (ctx {total:4d}): unfused {times['unfused']:9.1f} us  "
                 f"fused {times['fused']:9.1f} us  -> {100 * (row['speedup'] - 1):+.1f}%")
             del caches
+    model.close()
     return rows

@@ -16,6 +16,7 @@ import torch
 
 from ..ops import activation as act
 from ..ops import fused as fu
+from ..ops import group_quant as gq
 from ..ops import norm as nm
 from ..ops import nvfp4 as nv
 from ..ops import quant as qu
@@ -25,6 +26,8 @@ fx = torch.ops.fxfuse
 TOKENS = (1, 16, 256, 4096, 32768)
 HIDDEN = (4096, 8192)
 INTERMEDIATE = (14336, 28672)  # Llama-3 8B and 70B MLP widths, for the SiLU-and-mul ops
+# Block-scaled FP8 ops as block-FP8 models run them: groups of 128, column-major scales.
+GROUP = (128, True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,15 @@ CASES: tuple[OpCase, ...] = (
     OpCase("silu_and_mul_nvfp4_quant", lambda t, w: (_x(t, w, 2), _s(448.0 * 6 / 4)),
            nv.silu_and_mul_nvfp4_quant_native, fx.silu_and_mul_nvfp4_quant, INTERMEDIATE,
            unfused_ops=lambda x, gs: fx.nvfp4_quant(fx.silu_and_mul(x), gs)),
+    OpCase("rms_norm_group_fp8_quant", lambda t, w: (_x(t, w), _w(w), 1e-6, *GROUP),
+           gq.rms_norm_group_fp8_quant_native, fx.rms_norm_group_fp8_quant,
+           unfused_ops=lambda x, w, e, g, cm: fx.group_fp8_quant(fx.rms_norm(x, w, e), g, cm)),
+    OpCase("fused_add_rms_norm_group_fp8_quant", lambda t, w: (_x(t, w), _x(t, w), _w(w), 1e-6, *GROUP),
+           gq.fused_add_rms_norm_group_fp8_quant_native, fx.fused_add_rms_norm_group_fp8_quant,
+           unfused_ops=lambda x, r, w, e, g, cm: fx.group_fp8_quant(fx.fused_add_rms_norm(x, r, w, e)[0], g, cm)),
+    OpCase("silu_and_mul_group_fp8_quant", lambda t, w: (_x(t, w, 2), *GROUP),
+           gq.silu_and_mul_group_fp8_quant_native, fx.silu_and_mul_group_fp8_quant, INTERMEDIATE,
+           unfused_ops=lambda x, g, cm: fx.group_fp8_quant(fx.silu_and_mul(x), g, cm)),
     OpCase("rms_norm", lambda t, w: (_x(t, w), _w(w), 1e-6), nm.rms_norm_native, fx.rms_norm, fused=False),
     OpCase("fused_add_rms_norm", lambda t, w: (_x(t, w), _x(t, w), _w(w), 1e-6),
            nm.fused_add_rms_norm_native, fx.fused_add_rms_norm, fused=False),
@@ -80,6 +92,8 @@ CASES: tuple[OpCase, ...] = (
            qu.dynamic_per_token_fp8_quant_native, fx.dynamic_per_token_fp8_quant, fused=False),
     OpCase("nvfp4_quant", lambda t, w: (_x(t, w), _s(448.0 * 6 / 5)),
            nv.nvfp4_quant_native, fx.nvfp4_quant, fused=False),
+    OpCase("group_fp8_quant", lambda t, w: (_x(t, w), *GROUP), gq.group_fp8_quant_native, fx.group_fp8_quant,
+           fused=False),
     OpCase("silu_and_mul", lambda t, w: (_x(t, w, 2),), act.silu_and_mul_native, fx.silu_and_mul, INTERMEDIATE,
            fused=False),
 )

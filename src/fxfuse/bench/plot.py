@@ -35,9 +35,10 @@ def plot(results: dict, path: str) -> str:
         ax = axes.flat[len(ops)]
         e = results["e2e"]
         ax.bar(range(len(e)), [100 * (r["speedup"] - 1) for r in e])
-        ax.set_xticks(range(len(e)), [f"{r['phase']} {r['seqs']}x{r['new_tokens']}" for r in e], rotation=60, fontsize=6)
+        ax.set_xticks(range(len(e)), [f"{r.get('quant', 'fp8')} {r['phase']} {r['seqs']}x{r['new_tokens']}" for r in e],
+                      rotation=60, fontsize=6)
         ax.set_ylabel("fused vs unfused speed-up, %", fontsize=7)
-        ax.set_title("end to end (4 layers, CUDA graphs)", fontsize=8)
+        ax.set_title(f"end to end ({e[0]['layers']} layers, CUDA graphs)", fontsize=8)
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     fig.suptitle(f"fxfuse bench: {results.get('device')}, torch {results.get('torch')}, triton {results.get('triton')}")

@@ -245,6 +245,20 @@ def _block_fp8_linear_scaled_mm(
     return out.reshape(block_fp8_linear_out_shape(x_q, w_q))
 
 
+def block_fp8_linear_path(
+    x_q: torch.Tensor, x_scales: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> str:
+    """Which implementation ``block_fp8_linear`` runs for these (valid) arguments here:
+    ``"scaled_mm"`` (torch's blockwise recipe), ``"triton"`` or ``"native"``.
+
+    >>> block_fp8_linear_path(x_q, x_scales, w_q)  # on CPU
+    'native'
+    """
+    if _scaled_mm_applies(x_q, x_scales, w_q, out_dtype):
+        return "scaled_mm"
+    return "triton" if use_kernels(x_q) else "native"
+
+
 # --------------------------------------------------------------------------- op
 
 
@@ -269,10 +283,11 @@ def block_fp8_linear(
     >>> y = torch.ops.fxfuse.block_fp8_linear(x_q, x_scales, w_q, w_scales, None, torch.bfloat16)
     """
     validate_block_fp8_linear(x_q, x_scales, w_q, w_scales, bias, out_dtype)
-    if _scaled_mm_applies(x_q, x_scales, w_q, out_dtype):
+    path = block_fp8_linear_path(x_q, x_scales, w_q, out_dtype)
+    if path == "scaled_mm":
         return _block_fp8_linear_scaled_mm(x_q, x_scales, w_q, w_scales, bias, out_dtype)
     # Elsewhere on CUDA a Triton kernel; the native function is the reference everywhere else.
-    if use_kernels(x_q):
+    if path == "triton":
         from ..kernels.block_linear import block_fp8_matmul
 
         return block_fp8_matmul(x_q, x_scales, w_q, w_scales, bias, out_dtype)
