@@ -104,7 +104,8 @@ def test_dynamic_fp8_epilogue_is_bit_exact(rows, cols, dtype, ub):
     else:  # a row whose max element came out one ulp apart gets a scale one ulp apart
         assert float((~same).float().mean()) <= 0.01
         torch.testing.assert_close(s, ref_s, rtol=2 ** -7, atol=0)
-    assert_fp8_matches(q[same], ref_q[same])
+    # Rows are picked from the codes as bytes: torch 2.9 cannot index float8 tensors on CPU.
+    assert_fp8_matches(_bytes(q)[same], _bytes(ref_q)[same])
 
 
 @triton.jit
