@@ -164,6 +164,33 @@ def test_cpu_runs_the_native_reference():
     assert block_fp8_linear_path(x_q, x_s, w_q) == "native"
 
 
+def test_scaled_mm_path_hands_torch_the_layouts_it_reads(monkeypatch):
+    """The torch._scaled_mm path runs only on CUDA; here its preparation is checked on CPU:
+    whatever the caller's scale layouts, torch gets [M, K/128] column-major activation
+    scales and the transpose of row-padded [N/128, K/128] weight scales (the layouts of
+    the probe in compat), and the product is the op's."""
+    from fxfuse.ops import block_linear as B
+
+    def blockwise(a, b, scale_a, scale_b, out_dtype):
+        (m, k), n = a.shape, b.shape[1]
+        kb = k // 128
+        assert b.stride() == (1, k) and scale_a.shape == (m, kb) and scale_a.stride() == (1, m)
+        assert scale_b.shape == (kb, -(-n // 128)) and scale_b.stride() == (1, -(-kb // 4) * 4)
+        a_f = a.float() * scale_a.repeat_interleave(128, 1)
+        b_f = b.float() * scale_b.repeat_interleave(128, 0).repeat_interleave(128, 1)[:, :n]
+        return (a_f @ b_f).to(out_dtype)
+
+    monkeypatch.setattr(compat, "blockwise_fp8_scaled_mm", blockwise)
+    for column_major in (False, True):
+        x_q, x_s, w_q, w_s = _problem((2, 3), 256, 640, 128, column_major, seed=11)
+        for w_scales in (w_s, w_s.contiguous()):  # rows padded to 8, and not padded (5 columns)
+            bias = _rand(256, seed=12, dtype=torch.bfloat16)
+            out = B._block_fp8_linear_scaled_mm(x_q, x_s, w_q, w_scales, bias, torch.bfloat16)
+            ref = block_fp8_linear_native(x_q, x_s, w_q, w_s, bias, torch.bfloat16)
+            assert out.shape == ref.shape == (2, 3, 256)
+            torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=2**-7 * ref.float().abs().max().item())
+
+
 # --------------------------------------------------------------------------- the Triton kernel
 
 KERNEL_CASES = [((5,), 200, 256, 128, True), ((1,), 64, 64, 64, False), ((17,), 130, 192, 64, True),

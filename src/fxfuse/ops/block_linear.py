@@ -233,11 +233,14 @@ def _block_fp8_linear_scaled_mm(
 ) -> torch.Tensor:
     n, k = w_q.shape
     x2 = x_q.reshape(-1, k)
-    scale_a = x_scales.reshape(-1, x_scales.shape[-1])
-    if scale_a.stride(0) != 1:  # row-major scales: the 1x128 recipe reads them column-major
-        scale_a = scale_a.t().contiguous().t()
+    m, groups = x2.shape[0], x_scales.shape[-1]
+    # The exact layouts the recipes read (see compat.blockwise_fp8_scaled_mm); copies of
+    # a few hundred bytes where the caller's scales are laid out otherwise.
+    scale_a = x_scales.reshape(m, groups)
+    if scale_a.stride() != (1, m):
+        scale_a = scale_a.new_empty((groups, m)).t().copy_(scale_a)
     scale_b = w_scales
-    if scale_b.stride(0) % _SCALE_ROW_ALIGN != 0:  # rows not padded as the 128x128 recipe reads them
+    if scale_b.stride() != (_cdiv(w_scales.shape[1], _SCALE_ROW_ALIGN) * _SCALE_ROW_ALIGN, 1):
         scale_b = weight_scales_empty(n, k, w_scales.device).copy_(w_scales)
     out = compat.blockwise_fp8_scaled_mm(x2, w_q.t(), scale_a, scale_b.t(), out_dtype)
     if bias is not None:
