@@ -8,10 +8,13 @@ is part of every pass's cache key, because changing one changes what matches.
 
 from __future__ import annotations
 
-from typing import Callable
+import operator
+import sys
+from typing import Any, Callable
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -42,7 +45,176 @@ def remove_noop_permute(graph: torch.fx.Graph) -> int:
     return changed
 
 
-DEFAULT_CANONICALIZATIONS: tuple[Canonicalization, ...] = (view_to_reshape, remove_noop_permute)
+# --------------------------------------------------------------------------- split -> slice
+#
+# torch 2.15 functionalizes `split`/`chunk`/`unbind` into one `slice`/`select` per piece
+# (pytorch #194037); earlier releases keep the multi-output op and its `getitem`s. A
+# pattern traced on one release must match graphs from the other form (and an Inductor
+# pass may produce either), so both are brought to the per-piece form:
+#
+# * each piece becomes one view of the input that depends on its own offsets only, so
+#   the rewrite is local: it needs neither the sibling pieces (dead ones are gone from
+#   the graph) nor the input's size along the split dimension, because the last piece
+#   runs "to the end" (`end` = `_TO_END`, which `slice` clamps). With dynamic shapes
+#   that size is symbolic and the piece still needs no arithmetic on it;
+# * the reverse (slices -> split) would have to prove that a set of slices partitions a
+#   dimension of possibly unknown size, which fails on exactly the dynamic graphs and
+#   on any graph where a piece was dead-code eliminated.
+#
+# Slices are then normalized (non-negative dim, explicit start, `_TO_END` for an end at
+# or past the size) so that `x[:, 8:]`, a split's last piece and 2.15's slice of it
+# are one node.
+
+_TO_END = sys.maxsize  # the `end` Python's `x[a:]` traces to
+_SPLITS = (aten.split.Tensor, aten.split.sizes, aten.split.default, aten.split_with_sizes.default)
+
+
+def _arg(node: torch.fx.Node, i: int, name: str, default: Any) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _rank(node: torch.fx.Node) -> int | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _static_size(node: torch.fx.Node, dim: int) -> int | None:
+    """The size of ``node`` along ``dim`` if it is a known integer, else None."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    size = val.shape[dim]
+    return size if isinstance(size, int) else None
+
+
+def _symbolic(graph: torch.fx.Graph, fn: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+    """``fn(a, b)`` (add or mul) on ints or SymInt nodes: folded where the result is known
+    without the symbol (both ints, ``x + 0``, ``x * 1``, ``x * 0``), else a new node."""
+    if not isinstance(a, torch.fx.Node) and not isinstance(b, torch.fx.Node):
+        return fn(a, b)
+    if fn is operator.mul and 0 in (a, b):
+        return 0
+    identity = 1 if fn is operator.mul else 0
+    if b == identity or a == identity:
+        return a if b == identity else b
+    node = graph.call_function(fn, (a, b))
+    val = lambda x: x.meta.get("val") if isinstance(x, torch.fx.Node) else x  # noqa: E731
+    node.meta["val"] = fn(val(a), val(b))
+    return node
+
+
+def _piece_bounds(graph: torch.fx.Graph, split: torch.fx.Node, index: int, count: int) -> tuple[Any, Any]:
+    """``(start, end)`` of piece ``index`` of ``count`` along the split dimension."""
+    sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size", split.kwargs.get("split_sizes"))
+    last = index == count - 1
+    if split.target is aten.split.Tensor:  # equal pieces of `sizes`, the last one shorter
+        start = _symbolic(graph, operator.mul, sizes, index)
+        return start, _TO_END if last else _symbolic(graph, operator.mul, sizes, index + 1)
+    start = 0
+    for s in sizes[:index]:
+        start = _symbolic(graph, operator.add, start, s)
+    return start, _TO_END if last else _symbolic(graph, operator.add, start, sizes[index])
+
+
+def split_to_slice(graph: torch.fx.Graph) -> int:
+    """``getitem(split(x, ...), i)`` -> ``slice(x, dim, start, end)``; ``unbind`` -> ``select``.
+
+    Covers ``split``, ``split_with_sizes`` (``chunk`` traces to these) and ``unbind``.
+    Uses of the multi-output node other than ``getitem`` (e.g. the whole list passed on)
+    keep it; it is erased once nothing uses it.
+
+    Example:
+        >>> gm = trace_graph(lambda x: x.chunk(2, -1)[1] * 2, torch.randn(4, 6))
+        >>> split_to_slice(gm.graph)          # split + getitem -> slice(x, 1, 3, _TO_END)
+        1
+    """
+    changed = 0
+    for target in (*_SPLITS, aten.unbind.int):
+        for node in list(graph.find_nodes(op="call_function", target=target)):
+            src, pieces, rank = node.args[0], node.meta.get("val"), _rank(node.args[0])
+            if rank is None or not isinstance(pieces, (list, tuple)):
+                continue  # no metadata to place the pieces with: leave the node as it is
+            dim = _arg(node, 2 if target in _SPLITS else 1, "dim", 0) % rank
+            for user in list(node.users):
+                if user.target is not operator.getitem or not isinstance(user.args[1], int):
+                    continue
+                index = user.args[1] % len(pieces)
+                with graph.inserting_before(user):
+                    if target is aten.unbind.int:
+                        piece = graph.call_function(aten.select.int, (src, dim, index))
+                    else:
+                        start, end = _piece_bounds(graph, node, index, len(pieces))
+                        piece = graph.call_function(aten.slice.Tensor, (src, dim, start, end))
+                piece.meta.update(user.meta)  # the same view: same shape, strides and offset
+                user.replace_all_uses_with(piece)
+                graph.erase_node(user)
+                changed += 1
+            if not node.users:
+                graph.erase_node(node)
+    return changed
+
+
+def _reaches_end(end: Any, size: Any) -> bool:
+    """Whether ``end`` (an int or a SymInt node) is provably at or past ``size``."""
+    if isinstance(end, torch.fx.Node):
+        end = end.meta.get("val")
+        if not isinstance(end, (int, torch.SymInt)):
+            return False
+    return bool(statically_known_true(end >= size))
+
+
+def normalize_slice(graph: torch.fx.Graph) -> int:
+    """Write every ``slice``/``select`` one way: all arguments explicit, dims and indices
+    non-negative, an ``end`` at or past a static size as `_TO_END`, a step of 1 omitted.
+
+    Example:
+        >>> gm = trace_graph(lambda x: x[:, 2:6] + x.select(-1, -1)[:, None], torch.randn(4, 6))
+        >>> normalize_slice(gm.graph)         # slice(x, 1, 2, 6) -> slice(x, 1, 2, _TO_END); select dim/index
+        2
+    """
+    changed = 0
+    for node in list(graph.find_nodes(op="call_function", target=aten.slice.Tensor)):
+        src = node.args[0]
+        rank = _rank(src)
+        if rank is None:
+            continue
+        dim = _arg(node, 1, "dim", 0) % rank
+        start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+        size = _static_size(src, dim)
+        start = 0 if start is None else start
+        if isinstance(start, int) and start < 0 and size is not None:
+            start = max(start + size, 0)
+        if end is None or _reaches_end(end, src.meta["val"].shape[dim]):
+            end = _TO_END
+        elif isinstance(end, int) and end < 0 and size is not None:
+            end = max(end + size, 0)
+        args = (src, dim, start, end) if step == 1 else (src, dim, start, end, step)
+        if args != node.args or node.kwargs:
+            node.args, node.kwargs = args, {}
+            changed += 1
+    for node in list(graph.find_nodes(op="call_function", target=aten.select.int)):
+        src, dim, index = node.args[0], _arg(node, 1, "dim", 0), _arg(node, 2, "index", 0)
+        rank = _rank(src)
+        if rank is None:
+            continue
+        dim %= rank
+        size = _static_size(src, dim)
+        if isinstance(index, int) and index < 0 and size is not None:
+            index += size
+        if (src, dim, index) != node.args or node.kwargs:
+            node.args, node.kwargs = (src, dim, index), {}
+            changed += 1
+    return changed
+
+
+DEFAULT_CANONICALIZATIONS: tuple[Canonicalization, ...] = (
+    view_to_reshape,
+    remove_noop_permute,
+    split_to_slice,
+    normalize_slice,
+)
 
 
 def canonicalize(graph: torch.fx.Graph, canonicalizations: tuple[Canonicalization, ...]) -> int:
