@@ -1,4 +1,4 @@
-"""Every difference between the supported torch releases (2.11 to 2.14) lives here.
+"""Every difference between the supported torch releases (2.9 to 2.15) lives here.
 
 The rest of fxfuse imports Inductor internals only through this module, so a torch
 upgrade that moves or renames something breaks in one place. Branches test for the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import string
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -18,8 +19,27 @@ import torch.fx
 from torch._inductor import pattern_matcher as _pm
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
-SUPPORTED = ((2, 11), (2, 14))
+# The releases this code is tested on (scripts/test-torch.sh runs each; docs/compat.md).
+SUPPORTED = ((2, 9), (2, 15))
+
+
+def release(version: str) -> tuple[int, int]:
+    """The ``(major, minor)`` release of a torch version string.
+
+    Local and pre-release parts are dropped: a CUDA or ROCm build and a nightly of a
+    release are that release.
+
+    >>> release("2.9.1+rocm6.4"), release("2.15.0a0+git3f1c2d")
+    ((2, 9), (2, 15))
+    """
+    parts = version.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) if len(parts) > 1 else "")
+    except ValueError:
+        raise ValueError(f"cannot read a torch release from the version string {version!r}") from None
+
+
+TORCH_VERSION: tuple[int, int] = release(torch.__version__)
 
 # Re-exported pattern-matcher vocabulary, so that other modules never import Inductor.
 PatternExpr = _pm.PatternExpr
@@ -35,20 +55,60 @@ is_match = _pm.is_match
 fx_to_pattern = _pm.fx_to_pattern
 stable_topological_sort = _pm.stable_topological_sort
 
-try:  # the mutation-barrier bookkeeping moved between releases
-    _region_id = _pm.get_mutation_region_id
-    _compute_regions = _pm.compute_mutation_region_ids
-    _should_compute_regions = _pm.should_compute_mutation_region_ids
-except AttributeError:  # pragma: no cover - older layout
-    _region_id = _compute_regions = _should_compute_regions = None  # type: ignore[assignment]
+
+class _Unknown:
+    """Stands in for a value a message names but was not given; prints as ``<name>``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
 
 
-def check_torch_version() -> None:
-    """Raise a clear ImportError on a torch outside the supported range."""
+class _NamedOrUnknown(dict):
+    def __missing__(self, key: str) -> _Unknown:
+        return _Unknown(key)
+
+
+def failed_match_reason(result: Any) -> str:
+    """The message of a pattern-matcher result (a `FailedMatch`'s reason; ``""`` for a match).
+
+    torch 2.9 builds the `FailedMatch` of a constant-argument mismatch without the
+    ``pattern`` its message names (2.10 passes it), so ``str()`` of it raises KeyError
+    there; here a name the message lacks reads as ``<name>``.
+
+    >>> failed_match_reason(FailedMatch("constant_args: {} {!r}!={pattern!r}", "mul", 2))
+    'constant_args: mul 2!=<pattern>'
+    """
+    if not isinstance(result, FailedMatch):
+        return str(result) if not is_match(result) else ""
+    return string.Formatter().vformat(result.format_string, result.args, _NamedOrUnknown(result.kwargs))
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Raise a clear ImportError when ``version`` (default: the installed torch) is outside
+    the supported releases.
+
+    >>> check_torch_version("2.15.0")        # fine
+    >>> check_torch_version("2.16.0")
+    Traceback (most recent call last):
+    ImportError: fxfuse 0.1.0 supports torch 2.9 to 2.15; found torch 2.16.0 ...
+    """
+    version = torch.__version__ if version is None else version
     lo, hi = SUPPORTED
-    if not (lo <= TORCH_VERSION <= hi):
+    if not (lo <= release(version) <= hi):
+        from . import __version__
+
         raise ImportError(
-            f"fxfuse supports torch {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}; found torch {torch.__version__}"
+            f"fxfuse {__version__} supports torch {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}; found torch {version} "
+            f"(at {torch.__file__}). Install a supported release, e.g. pip install 'torch>={lo[0]}.{lo[1]},<"
+            f"{hi[0]}.{hi[1] + 1}'"
         )
 
 
@@ -90,19 +150,17 @@ def replace_with_graph(
 ) -> None:
     """Splice ``replacement`` into ``graph`` in place of ``match``."""
     fn = _pm.ReplacementPatternEntry.replace_with_graph
-    if "pass_name" in inspect.signature(fn).parameters:
+    if "pass_name" in inspect.signature(fn).parameters:  # torch >= 2.12: names the pass in provenance logs
         fn(match, graph, replacement, list(args), pass_name="fxfuse")
-    else:  # pragma: no cover - older signature
+    else:  # torch 2.9 to 2.11
         fn(match, graph, replacement, list(args))
 
 
 def mutation_region_ids(graph: torch.fx.Graph) -> Callable[[torch.fx.Node], int]:
     """A function node -> mutation region; a match must not cross a region boundary."""
-    if _region_id is None:  # pragma: no cover
-        return lambda node: 0
-    if _should_compute_regions(graph):
-        _compute_regions(graph)
-    return functools.partial(_region_id, graph)
+    if _pm.should_compute_mutation_region_ids(graph):
+        _pm.compute_mutation_region_ids(graph)
+    return functools.partial(_pm.get_mutation_region_id, graph)
 
 
 # --------------------------------------------------------------------------- auto_functionalized
@@ -123,14 +181,47 @@ def custom_post_pass_key() -> str:
 
 
 def current_custom_post_pass() -> Any:
-    """The post-grad custom pass installed in global Inductor config, if any."""
-    return getattr(torch._inductor.config, custom_post_pass_key(), None)
+    """The post-grad custom pass installed in global Inductor config, as one pass (or None)."""
+    return one_custom_pass(getattr(torch._inductor.config, custom_post_pass_key(), None))
 
 
 def custom_graph_pass_base() -> type:
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     return CustomGraphPass
+
+
+def one_custom_pass(setting: Any) -> Any:
+    """A custom-pass setting as one pass: None, the pass itself, or the passes of a list
+    run in order.
+
+    From torch 2.13 Inductor's custom-pass settings also take a list of passes (2.9 to
+    2.12: one pass); fxfuse chains whatever the user installed as a single callable
+    with a single ``uuid()``, on every release.
+
+    >>> one_custom_pass([p1, p2])(graph)     # runs p1, then p2
+    >>> one_custom_pass([p1, p2]).uuid()     # (p1.uuid(), p2.uuid()); None if either has none
+    """
+    if not isinstance(setting, (list, tuple)):
+        return setting
+    passes = [p for p in setting if p is not None]
+    if len(passes) <= 1:
+        return passes[0] if passes else None
+    return _CustomPassList(passes)
+
+
+class _CustomPassList(custom_graph_pass_base()):  # type: ignore[misc]
+    def __init__(self, passes: Sequence[Callable[[torch.fx.Graph], Any]]) -> None:
+        self.passes = tuple(passes)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self) -> Any:
+        # Without a key for every pass no cached graph is safe: None bypasses the cache.
+        keys = tuple(p.uuid() if callable(getattr(p, "uuid", None)) else None for p in self.passes)
+        return None if any(k is None for k in keys) else keys
 
 
 # --------------------------------------------------------------------------- counters
@@ -162,9 +253,9 @@ def define_mutating_op(qualname: str, schema: str, impl: Callable[..., Any], fak
     """Register a custom op that mutates some of its arguments; returns its OpOverload.
 
     ``torch.library.custom_op`` wraps a mutating op in an ADInplaceOrView kernel that, in
-    torch 2.11, indexes the mutated arguments positionally without filling defaults, so
-    ``op(q, k, v, out, name)`` crashes when a later mutable argument is left at its
-    default (2.13 fills them). Defining the op on a `torch.library.Library` directly
+    torch 2.9 to 2.12, indexes the mutated arguments positionally without filling
+    defaults, so ``op(q, k, v, out, name)`` raises IndexError when a later mutable
+    argument is left at its default (2.13 fills them). Defining the op on a `torch.library.Library` directly
     skips that wrapper on every release: the version counter bump it would add is not
     needed by inference graphs, and functionalization (`auto_functionalized`) reads the
     alias annotations from the schema either way.
