@@ -320,6 +320,10 @@ def test_dtype_cast_between_is_not_fused(producer, passes):
     gm, n = _fuse(chain, args, passes)
     assert n == 0 and fx.group_fp8_quant.default in targets(gm)
     assert _equal(gm(*args), chain(*args))
+    sites = fxfuse.explain(trace_graph(chain, *args), passes).sites
+    group_sites = [s for s in sites if "Group" in s.rewrite]
+    assert group_sites and not any(s.matched for s in group_sites)
+    assert any("convert_element_type" in s.reason for s in group_sites)
 
 
 def test_group_rewrites_leave_per_token_chains_to_their_own_rewrites(passes):
