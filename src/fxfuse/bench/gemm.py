@@ -48,8 +48,8 @@ def run(tokens=TOKENS, log=print) -> list[dict]:
                        op_tflops=tflops(op), triton_tflops=tflops(tri), per_tensor_tflops=tflops(per_tensor),
                        op_over_per_tensor=op / per_tensor)
             rows.append(row)
-            log(f"  {name:13s} T={m:<6d} N={n:<6d} K={k:<6d} op ({row['path']}) {op:9.1f} us {row['op_tflops']:6.1f} TF/s"
-                f"  triton {tri:9.1f} us {row['triton_tflops']:6.1f} TF/s"
+            log(f"  {name:13s} T={m:<6d} N={n:<6d} K={k:<6d} op ({row['path']}) {op:9.1f} us "
+                f"{row['op_tflops']:6.1f} TF/s  triton {tri:9.1f} us {row['triton_tflops']:6.1f} TF/s"
                 + (f"  blockwise _scaled_mm {bw:9.1f} us" if bw is not None else "")
                 + f"  per-tensor _scaled_mm {per_tensor:9.1f} us {row['per_tensor_tflops']:6.1f} TF/s"
                 f"  op x{row['op_over_per_tensor']:.2f} of per-tensor")

@@ -182,7 +182,9 @@ def validate_silu_and_mul_group_fp8_quant(x: torch.Tensor, group_size: int, colu
     check_column_major_scales(op, column_major_scales)
 
 
-def _group_outputs(x: torch.Tensor, width: Any, group_size: int, column_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_outputs(
+    x: torch.Tensor, width: Any, group_size: int, column_major: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty ``(q, scales)`` for quantizing ``width`` columns of ``x``'s rows (fake impls)."""
     q = x.new_empty((*x.shape[:-1], width), dtype=FP8_DTYPE)
     return q, group_scales_empty(x, width, group_size, column_major)
