@@ -75,9 +75,10 @@ def _arg(node: torch.fx.Node, i: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _rank(node: torch.fx.Node) -> int | None:
+def _rank(node: Any) -> int:
+    """The rank of a tensor node, 0 when unknown (nothing to split or slice then)."""
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return val.dim() if isinstance(val, torch.Tensor) else None
+    return val.dim() if isinstance(val, torch.Tensor) else 0
 
 
 def _static_size(node: torch.fx.Node, dim: int) -> int | None:
@@ -126,15 +127,15 @@ def split_to_slice(graph: torch.fx.Graph) -> int:
     keep it; it is erased once nothing uses it.
 
     Example:
-        >>> gm = trace_graph(lambda x: x.chunk(2, -1)[1] * 2, torch.randn(4, 6))
-        >>> split_to_slice(gm.graph)          # split + getitem -> slice(x, 1, 3, _TO_END)
-        1
+        >>> gm = make_fx(lambda x: torch.mul(*x.chunk(2, -1)))(torch.randn(4, 6))
+        >>> split_to_slice(gm.graph)          # -> slice(x, 1, 0, 3), slice(x, 1, 3, _TO_END)
+        2
     """
     changed = 0
     for target in (*_SPLITS, aten.unbind.int):
         for node in list(graph.find_nodes(op="call_function", target=target)):
             src, pieces, rank = node.args[0], node.meta.get("val"), _rank(node.args[0])
-            if rank is None or not isinstance(pieces, (list, tuple)):
+            if not rank or not isinstance(pieces, (list, tuple)):
                 continue  # no metadata to place the pieces with: leave the node as it is
             dim = _arg(node, 2 if target in _SPLITS else 1, "dim", 0) % rank
             for user in list(node.users):
@@ -170,15 +171,15 @@ def normalize_slice(graph: torch.fx.Graph) -> int:
     non-negative, an ``end`` at or past a static size as `_TO_END`, a step of 1 omitted.
 
     Example:
-        >>> gm = trace_graph(lambda x: x[:, 2:6] + x.select(-1, -1)[:, None], torch.randn(4, 6))
-        >>> normalize_slice(gm.graph)         # slice(x, 1, 2, 6) -> slice(x, 1, 2, _TO_END); select dim/index
+        >>> gm = make_fx(lambda x: x[:, 2:6] + x.select(-1, -1)[:, None])(torch.randn(4, 6))
+        >>> normalize_slice(gm.graph)         # -> slice(x, 1, 2, _TO_END), select(x, 1, 5)
         2
     """
     changed = 0
     for node in list(graph.find_nodes(op="call_function", target=aten.slice.Tensor)):
         src = node.args[0]
         rank = _rank(src)
-        if rank is None:
+        if not rank:
             continue
         dim = _arg(node, 1, "dim", 0) % rank
         start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
@@ -197,7 +198,7 @@ def normalize_slice(graph: torch.fx.Graph) -> int:
     for node in list(graph.find_nodes(op="call_function", target=aten.select.int)):
         src, dim, index = node.args[0], _arg(node, 1, "dim", 0), _arg(node, 2, "index", 0)
         rank = _rank(src)
-        if rank is None:
+        if not rank:
             continue
         dim %= rank
         size = _static_size(src, dim)
