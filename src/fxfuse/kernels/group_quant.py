@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._rounding import FP8_MAX, exact_casts, quantize_fp8, round_to
+from .norm_quant import rms_norm_row
 
 _MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
 # Elements per program of the tiled kernels: enough work per program to stream at the
@@ -70,22 +71,7 @@ def _rms_norm_group_fp8_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    offs = row * n_cols + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    dtype = x.dtype
-    # The arithmetic of norm_quant._rms_norm_quant_kernel, step for step (see its comments):
-    # fused and unfused must round identically.
-    xf = x.to(tl.float32)
-    if HAS_RESIDUAL:
-        xf = round_to(xf + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EXACT_CASTS)
-        tl.store(res_out_ptr + offs, xf, mask=mask)
-        xf = xf.to(tl.float32)
-    var = tl.div_rn(tl.sum(xf * xf, axis=0), n_cols.to(tl.float32))
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)
+    y, offs, mask = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, eps, HAS_RESIDUAL, BLOCK, EXACT_CASTS)
     # n_cols is a multiple of GROUP, so a group is either wholly inside the row or wholly
     # padding (zeros from the masked loads; its scale is not stored).
     groups = tl.arange(0, BLOCK // GROUP)

@@ -26,14 +26,15 @@ _MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
 
 
 @triton.jit
-def _rms_norm_quant_kernel(
-    x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr,
-    y_ptr, res_out_ptr, q_ptr, row_scale_ptr,
-    n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
-    EXACT_CASTS: tl.constexpr,
+def rms_norm_row(
+    x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EXACT_CASTS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """One row of (fused-add) RMSNorm in the model dtype; returns ``(y, offs, mask)``.
+
+    Every norm kernel (this module's and the group-quant ones) calls this, so fused and
+    unfused forms round identically. Writes the residual sum when ``HAS_RESIDUAL``.
+    """
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     offs = row * n_cols + cols
@@ -52,6 +53,19 @@ def _rms_norm_quant_kernel(
     rstd = 1.0 / tl.sqrt_rn(var + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)  # weight on the rounded norm
+    return y, offs, mask
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr,
+    y_ptr, res_out_ptr, q_ptr, row_scale_ptr,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
+    EXACT_CASTS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y, offs, mask = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, eps, HAS_RESIDUAL, BLOCK, EXACT_CASTS)
     if QUANT == 0:
         tl.store(y_ptr + offs, y, mask=mask)
     else:
