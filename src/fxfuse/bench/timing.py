@@ -19,13 +19,30 @@ def copy_bandwidth(sizes: tuple[int, ...] = (1 << 28, 1 << 30)) -> float:
     return best
 
 
-def graph_us(fn: Callable[[], object], warmup: int = 3, reps: int | None = None) -> float:
+def l2_bytes() -> int:
+    """The current CUDA device's L2 cache size in bytes (50 MiB on an H100)."""
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size)
+
+
+def cold_copies(make_inputs: Callable[[], object], nbytes: int, most: int = 64) -> list[object]:
+    """Input sets to rotate through so no call finds its inputs in L2: enough copies that
+    their bytes exceed twice the L2 (at least 2, at most ``most``: below ~1/32 of L2 per
+    set a shape is latency-bound and a cold cache changes little)."""
+    n = min(max(2, -(-2 * l2_bytes() // max(nbytes, 1)) + 1), most)
+    return [make_inputs() for _ in range(n)]
+
+
+def graph_us(fn: Callable[[], object] | list[Callable[[], object]], warmup: int = 3, reps: int | None = None) -> float:
     """Median microseconds of one call of ``fn``, captured in a CUDA graph and replayed.
 
     The graph holds ``k`` calls, sized so one replay takes about a millisecond, so launch
     overhead is neither in the number nor hidden; the median is over ``reps`` replays,
-    each timed with CUDA events.
+    each timed with CUDA events. Given a list of functions (one per input copy, see
+    `cold_copies`), the graph's calls cycle through them: a cold-L2 measurement.
     """
+    fns = fn if isinstance(fn, list) else [fn]
+    calls = len(fns)
+    fn = lambda: [f() for f in fns]  # noqa: E731 - one "call" visits every copy once
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -58,7 +75,7 @@ def graph_us(fn: Callable[[], object], warmup: int = 3, reps: int | None = None)
         g.replay()
         t1.record()
         t1.synchronize()
-        times.append(t0.elapsed_time(t1) * 1e3 / k)
+        times.append(t0.elapsed_time(t1) * 1e3 / (k * calls))
     del g, g1
     times.sort()
     return times[len(times) // 2]
