@@ -107,3 +107,103 @@ def test_match_counts_survive_fx_graph_cache_hit(fresh_inductor_cache):
 def test_compile_rejects_other_backends():
     with pytest.raises(ValueError, match="not Inductor"):
         fxfuse.compile(f, passes=[], backend="eager")
+
+
+# ---------------------------------------------------------------- compile modes
+
+MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_compiles_with_the_passes_and_the_modes_options(mode, fresh_inductor_cache):
+    from torch._inductor import config
+
+    implied = fxfuse.compat.mode_options(mode)
+    seen = {}
+
+    class ReadsConfig(fxfuse.compat.custom_graph_pass_base()):
+        """Chained after the fusion passes: records the Inductor config the compile ran with."""
+
+        def __call__(self, graph):
+            seen.update({k: config.get_config_copy()[k] for k in implied})
+
+        def uuid(self):
+            return "reads-config"
+
+    x = torch.randn(5, 3)
+    compiled = fxfuse.compile(f, passes=[fxfuse.FusionPass("p", [TimesThree(0.5)])], mode=mode,
+                              options={"post_grad_custom_post_pass": ReadsConfig()})
+    # On CPU, reduce-overhead just runs without CUDA graphs.
+    torch.testing.assert_close(compiled(x), (x * 0.5).sin())
+    assert fxfuse.match_table() == {"p": {"TimesThree": 1}}
+    assert seen == implied
+    assert not config.max_autotune and not config.triton.cudagraphs  # global config untouched
+
+
+def test_mode_options_merge_with_the_pass_and_explicit_options_win(monkeypatch):
+    got = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: got.update(kwargs))
+    p = fxfuse.FusionPass("p", [TimesThree(2.0)])
+    fxfuse.compile(f, passes=[p], mode="max-autotune", options={"coordinate_descent_tuning": False}, dynamic=True)
+    options = got.pop("options")
+    manager = options.pop("post_grad_custom_post_pass")
+    assert isinstance(manager, fxfuse.PassManager) and manager.passes == [p]
+    assert options == {"max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": False}
+    assert "mode" not in got and got["dynamic"] is True
+    assert fxfuse.inductor_options([p], mode="reduce-overhead")["triton.cudagraphs"] is True
+
+
+def test_modes_that_cannot_run_the_passes_are_errors():
+    with pytest.raises(ValueError, match="unknown torch.compile mode 'fastest'; known modes: .*reduce-overhead"):
+        fxfuse.compile(f, passes=[], mode="fastest")
+    with pytest.raises(ValueError, match="options turns Inductor's post-grad passes off"):
+        fxfuse.compile(f, passes=[], options={"use_post_grad_passes": False})
+    if "lite" in torch._inductor.list_mode_options():  # torch >= 2.13: a mode without post-grad passes
+        with pytest.raises(ValueError, match="mode='lite' turns Inductor's post-grad passes off"):
+            fxfuse.compile(f, passes=[], mode="lite")
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_cuda_graphs_fuse_the_reference_model():
+    """CUDA graphs (mode="reduce-overhead") with the passes: the expected fusions, and the
+    same tokens as an unfused CUDA-graph compile.
+
+    The model reads its batch layout and KV caches from the forward context, outside the
+    graph, so every call here runs inside one context (the same tensors a replay reads);
+    the calls warm up, record and replay the graph.
+    """
+    from torch._dynamo.utils import counters
+
+    from fxfuse.cli import expected_matches
+    from fxfuse.models import LlamaForCausalLM, ModelConfig, ModelRunner, random_prompts
+
+    model = LlamaForCausalLM(ModelConfig.preset("tiny", num_layers=2), device="cuda", attention_backend="triton")
+    prompts = random_prompts(model.config, lengths=[7, 5, 3], seed=11)
+    variants = {
+        "unfused": torch.compile(model, mode="reduce-overhead", fullgraph=True),
+        "fused": fxfuse.compile(model, passes=fxfuse.PassManager(fxfuse.default_passes()),
+                                mode="reduce-overhead", fullgraph=True),
+    }
+    logits = {}
+    try:
+        for name, fwd in variants.items():
+            torch._dynamo.reset()
+            fxfuse.reset_match_table()
+            skips = counters["inductor"]["cudagraph_skips"]
+            runs = []
+            with torch.no_grad(), ModelRunner(model).prefill_context(prompts) as (ids, pos):
+                for _ in range(3):  # warm-up, record, replay
+                    torch.compiler.cudagraph_mark_step_begin()
+                    runs.append(fwd(ids, pos).clone())
+            assert counters["inductor"]["cudagraph_skips"] == skips, f"{name}: CUDA graphs were skipped"
+            for again in runs[1:]:
+                torch.testing.assert_close(again, runs[0], rtol=0, atol=0)
+            logits[name] = runs[-1]
+            if name == "fused":
+                table = fxfuse.match_table()
+                got = {p: sum(table.get(p, {}).values()) for p in expected_matches(model)}
+                assert got == expected_matches(model) == {"rms_quant_fusion": 4, "act_quant_fusion": 2,
+                                                          "attn_quant_fusion": 2}
+        assert torch.equal(logits["fused"].argmax(-1), logits["unfused"].argmax(-1))
+    finally:
+        model.close()

@@ -8,11 +8,13 @@ because nightlies and vendor builds carry version strings that lie.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import string
+import warnings
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -372,3 +374,82 @@ def _probe_blockwise_scaled_mm(device: torch.device) -> bool:
     w_f = w.float() * scale_w.repeat_interleave(128, 0).repeat_interleave(128, 1)
     ref = a_f @ w_f.t()
     return tuple(out.shape) == (m, n) and bool(torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max())))
+
+
+# --------------------------------------------------------------------------- compile modes, isolated compiles, caches
+
+
+def mode_options(mode: str, dynamic: bool | None = None) -> dict[str, Any]:
+    """The Inductor options that ``torch.compile(mode=mode)`` applies, as an ``options=`` dict.
+
+    ``torch.compile`` refuses ``mode`` and ``options`` together, and fxfuse needs
+    ``options`` to install its pass for one compile only; so it asks Inductor what a mode
+    means and passes that as options instead (torch does the same internally).
+
+    >>> mode_options("reduce-overhead")
+    {'triton.cudagraphs': True}
+    """
+    from torch._inductor import list_mode_options
+
+    known = list_mode_options()
+    if mode not in known:
+        raise ValueError(f"unknown torch.compile mode {mode!r}; known modes: {', '.join(sorted(known))}")
+    if "dynamic" in inspect.signature(list_mode_options).parameters:
+        return dict(list_mode_options(mode, dynamic))
+    return dict(list_mode_options(mode))  # pragma: no cover - releases without the parameter
+
+
+def post_grad_passes_enabled(options: dict[str, Any]) -> bool:
+    """Whether a compile with these Inductor ``options`` runs the post-grad custom pass.
+
+    Some modes (``"lite"``) turn Inductor's post-grad stage off, and fxfuse's passes with it.
+    """
+    return bool(options.get("use_post_grad_passes", getattr(torch._inductor.config, "use_post_grad_passes", True)))
+
+
+def compile_isolated(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+    """``torch.compile(fn, **kwargs)`` whose Dynamo cache entries are its own.
+
+    Dynamo caches compiled frames on the code objects they run, shared by every
+    ``torch.compile`` of the same function, and one code object's entries count against
+    one recompile limit. A throw-away compile (``fxfuse.explain``) must neither reset
+    that cache nor eat into the limit of the user's own compiles of ``fn``: where
+    ``torch.compile`` takes ``isolate_recompiles`` its entries go to a region of their
+    own. Older releases lack it; there the compile starts from a fresh entry function
+    (a code object no one else runs), so a function that compiles into one graph leaves
+    the user's entries and limit alone (frames compiled after a graph break inside
+    ``fn`` still share them).
+    """
+    # An already compiled module or function: compile what it wraps (the inner compile
+    # would otherwise take over its frames, with its own backend).
+    if isinstance(fn, torch._dynamo.eval_frame.OptimizedModule):
+        fn = fn._orig_mod
+    else:
+        fn = getattr(fn, "_torchdynamo_orig_callable", fn)
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        return torch.compile(fn, isolate_recompiles=True, **kwargs)
+
+    def entry(*args: Any, **kw: Any) -> Any:  # pragma: no cover - releases before isolate_recompiles
+        return fn(*args, **kw)
+
+    entry.__code__ = entry.__code__.replace()  # an equal but distinct code object: a cache of its own
+    return torch.compile(entry, **kwargs)
+
+
+@contextlib.contextmanager
+def compile_caches_disabled() -> Iterator[None]:
+    """Within the block, every compile runs from scratch: no FX graph, AOTAutograd,
+    autotuning or profile-guided cache is read or written.
+
+    For timing compiles against each other: a variant served from a cache (because an
+    earlier run compiled it) would otherwise look faster than one that was not.
+    """
+    compiler_config = getattr(torch.compiler, "config", None)
+    if compiler_config is not None and hasattr(compiler_config, "force_disable_caches"):
+        patch = compiler_config.patch(force_disable_caches=True)
+    else:  # pragma: no cover - releases where the switch lived in Inductor's config
+        patch = torch._inductor.config.patch(force_disable_caches=True)
+    with patch, warnings.catch_warnings():
+        # Dynamo warns once that the switch also turns its profile-guided cache off: intended here.
+        warnings.filterwarnings("ignore", message=".*force disabled by .*force_disable_caches")
+        yield

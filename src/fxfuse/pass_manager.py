@@ -81,30 +81,64 @@ def _manager(passes: Sequence[FusionPass] | PassManager, existing: Any) -> PassM
     return PassManager(passes, chain=existing)
 
 
-def inductor_options(passes: Sequence[FusionPass] | PassManager, *, chain: Any = None) -> dict[str, Any]:
+def _require_post_grad_passes(options: dict[str, Any], source: str) -> None:
+    """Raise unless a compile with ``options`` (set by ``source``) runs the post-grad custom pass.
+
+    Some modes ("lite") switch Inductor's post-grad stage off, and fxfuse's passes with it.
+    """
+    if compat.post_grad_passes_enabled(options):
+        return
+    culprit = source if "use_post_grad_passes" in options else "Inductor's global config"
+    raise ValueError(
+        f"fxfuse: {culprit} turns Inductor's post-grad passes off (use_post_grad_passes=False); "
+        "fxfuse's passes run there, so the compile would fuse nothing"
+    )
+
+
+def inductor_options(
+    passes: Sequence[FusionPass] | PassManager,
+    *,
+    chain: Any = None,
+    mode: str | None = None,
+    dynamic: bool | None = None,
+) -> dict[str, Any]:
     """The ``options=`` for `torch.compile` that install ``passes`` for that compile only.
 
     A post-grad custom pass already installed in global Inductor config (or given as
-    ``chain``) keeps running, after the fusion passes.
+    ``chain``) keeps running, after the fusion passes. ``mode`` adds the options that
+    ``torch.compile(mode=mode)`` implies (``dynamic`` as you pass it to `torch.compile`),
+    since `torch.compile` takes ``mode`` or ``options`` but not both.
 
     Example:
         >>> torch.compile(fn, options=fxfuse.inductor_options([fma]))
+        >>> torch.compile(fn, options=fxfuse.inductor_options([fma], mode="reduce-overhead"))
     """
+    options = compat.mode_options(mode, dynamic) if mode is not None else {}
+    _require_post_grad_passes(options, f"mode={mode!r}")
     existing = chain if chain is not None else compat.current_custom_post_pass()
-    return {compat.custom_post_pass_key(): _manager(passes, existing)}
+    options[compat.custom_post_pass_key()] = _manager(passes, existing)
+    return options
 
 
 def compile(model_or_fn: Any, *, passes: Sequence[FusionPass] | PassManager, **torch_compile_kwargs: Any) -> Any:
     """`torch.compile` with ``passes`` installed, leaving global Inductor config untouched.
 
+    Every ``mode`` works: its options are applied together with the passes, as
+    `torch.compile` would apply them, and explicit ``options`` win over the mode's.
+    A post-grad custom pass in ``options`` runs after the fusion passes.
+
     Example:
         >>> compiled = fxfuse.compile(fn, passes=[fma])
         >>> compiled(x, y, z)
+        >>> graphed = fxfuse.compile(model, passes=[fma], mode="reduce-overhead")  # CUDA graphs
     """
     backend = torch_compile_kwargs.pop("backend", "inductor")
     if backend != "inductor":
         raise ValueError(f"fxfuse.compile installs Inductor passes; backend={backend!r} is not Inductor")
-    options = dict(torch_compile_kwargs.pop("options", None) or {})
-    user_pass = options.pop(compat.custom_post_pass_key(), None)
-    options.update(inductor_options(passes, chain=user_pass))
+    mode = torch_compile_kwargs.pop("mode", None)
+    user = dict(torch_compile_kwargs.pop("options", None) or {})
+    user_pass = user.pop(compat.custom_post_pass_key(), None)
+    implied = compat.mode_options(mode, torch_compile_kwargs.get("dynamic")) if mode is not None else {}
+    options = {**implied, **user, **inductor_options(passes, chain=user_pass)}
+    _require_post_grad_passes(options, "options" if "use_post_grad_passes" in user else f"mode={mode!r}")
     return torch.compile(model_or_fn, backend="inductor", options=options, **torch_compile_kwargs)
