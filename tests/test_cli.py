@@ -1,10 +1,15 @@
-"""The ``fxfuse`` command: the demo end to end on the tiny model, patterns, argument errors."""
+"""The ``fxfuse`` command: the demo end to end on the tiny model, patterns, explain, argument errors."""
 
+import contextlib
+import io
 import json
+import types
 
 import pytest
+import torch
 
-from fxfuse.cli import main
+import fxfuse.models
+from fxfuse.cli import TIMING_NOTE, expected_matches, main
 
 
 @pytest.mark.compile
@@ -25,9 +30,71 @@ def test_demo_reports_expected_matches_and_identical_tokens(quant, tmp_path, cap
     assert "rms_quant_fusion" in printed and "greedy tokens identical: yes" in printed
 
 
+def test_expected_matches_follow_the_backends_declared_support():
+    from fxfuse.models import LlamaForCausalLM, ModelConfig
+
+    cases = [("fp8", "native", 3), ("fp8", "native-noquant", 0), ("nvfp4", "native", 3), ("nvfp4", "native-noquant", 0)]
+    for quant, backend, attn in cases:
+        model = LlamaForCausalLM(ModelConfig.preset("tiny", quant=quant, num_layers=3), attention_backend=backend)
+        try:
+            assert expected_matches(model) == {"rms_quant_fusion": 6, "act_quant_fusion": 3, "attn_quant_fusion": attn}
+        finally:
+            model.close()
+    # Block-scaled FP8 quantizes attention's output per token group: no backend fuses that.
+    config = types.SimpleNamespace(quant="fp8-block", num_layers=2)
+    block = types.SimpleNamespace(config=config, attention_layer_names=[])
+    assert expected_matches(block) == {"rms_quant_fusion": 4, "act_quant_fusion": 2, "attn_quant_fusion": 0}
+    with pytest.raises(ValueError, match="no attention output scheme known for quant 'int4'"):
+        expected_matches(types.SimpleNamespace(config=types.SimpleNamespace(quant="int4", num_layers=1)))
+
+
+@pytest.fixture(scope="module")
+def noquant_demo(tmp_path_factory):
+    """One demo run on a backend without fused output quant, recording each run's state."""
+    runs = []
+    real_run = fxfuse.models.run
+
+    def spy(model, forward, *args, **kwargs):
+        runs.append((model.config.num_layers, torch.compiler.config.force_disable_caches))
+        return real_run(model, forward, *args, **kwargs)
+
+    out = tmp_path_factory.mktemp("demo") / "demo.json"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(fxfuse.models, "run", spy)
+        rc = main(["demo", "--layers", "2", "--attention-backend", "native-noquant", "--new-tokens", "2",
+                   "--json", str(out)])
+    return rc, json.loads(out.read_text()), printed.getvalue(), runs
+
+
+@pytest.mark.compile
+def test_demo_expects_attention_fusions_only_where_the_backend_supports_them(noquant_demo):
+    rc, result, printed, _ = noquant_demo
+    assert result["expected_matches"] == {"rms_quant_fusion": 4, "act_quant_fusion": 2, "attn_quant_fusion": 0}
+    assert "attn_quant_fusion" not in result["match_table"]
+    assert sum(result["match_table"]["rms_quant_fusion"].values()) == 4
+    assert result["tokens_fused"] == result["tokens_unfused"]
+    assert "total (expected 0)" in printed and "MISMATCH" not in printed
+    assert rc == 0
+
+
+@pytest.mark.compile
+def test_demo_times_both_variants_after_the_same_warm_up(noquant_demo):
+    _, result, printed, runs = noquant_demo
+    # A 1-layer warm-up in both variants, then the two timed 2-layer runs; all compile from scratch.
+    assert runs == [(1, True), (1, True), (2, True), (2, True)]
+    assert result["warm_up_s"] > 0 and set(result["compile_s"]) == {"fused", "unfused"}
+    assert result["timing_note"] == TIMING_NOTE
+    assert "after an untimed warm-up" in " ".join(printed.split())
+
+
 def test_patterns_prints_every_rewrite_and_timing(capsys):
     assert main(["patterns", "--timing"]) == 0
     printed = capsys.readouterr().out
+    # A pass with no rewrites says why, not what a FusionPass is in general.
+    native = printed.split("# pass native_lowering\n")[1].splitlines()[0]
+    assert "no rewrites in this process" in native and "cpu" in native
+    assert "A named set of rewrites" not in printed
     for name in ("RmsNormStaticFp8Quant", "FusedAddRmsNormDynamicFp8QuantUb", "SiluMulStaticFp8Quant"):
         assert f"# {name} [functional]" in printed
     assert "CallFunction(fxfuse.static_scaled_fp8_quant.default" in printed and "KeywordArg('eps')" in printed
@@ -39,15 +106,30 @@ def test_bad_layers_is_a_usage_error():
         main(["demo", "--layers", "0"])
 
 
+def test_explain_with_an_unknown_rewrite_exits_2_listing_the_known_names(capsys):
+    assert main(["explain", "--rewrite", "RmsNormStaticFp8Qaunt"]) == 2
+    err = capsys.readouterr().err
+    assert "no rewrite named 'RmsNormStaticFp8Qaunt'" in err
+    for name in ("RmsNormStaticFp8Quant", "SiluMulNvfp4Quant", "AttentionStaticFp8Quant"):
+        assert name in err
+
+
 @pytest.mark.compile
 def test_explain_reports_each_fusion_site(capsys):
     assert main(["explain", "--layers", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    matched = sorted(line.split(" [")[0] for line in lines if line.endswith("MATCH"))
+    matched = sorted(line.split(" [")[0] for line in lines if line.endswith(": MATCH"))
     assert matched == [
         "act_quant_fusion/SiluMulStaticFp8Quant",
         "attn_quant_fusion/AttentionStaticFp8Quant",
         "rms_quant_fusion/FusedAddRmsNormStaticFp8Quant",
         "rms_quant_fusion/RmsNormStaticFp8Quant",
     ]
-    assert all(": no: " in line or line.endswith("MATCH") for line in lines)
+    # One block per rewrite: a header, its pattern once, then one line per site.
+    rewrites = [r.name for p in fxfuse.default_passes() for r in p.rewrites]
+    headers = [line.split(":")[0][3:].split("/")[1] for line in lines if line.startswith("== ")]
+    assert headers == rewrites
+    assert sum("= CallFunction(fxfuse.silu_and_mul.default" in line for line in lines) == 3  # 3 rewrites start there
+    # The final norm feeds the unquantized LM head: a near miss, with where its value goes instead.
+    assert any(line.startswith("rms_quant_fusion/FusedAddRmsNormStaticFp8Quant") and ": no: " in line
+               and "aten.mm" in line for line in lines)
