@@ -58,6 +58,37 @@ def expected_matches(model: Any) -> dict[str, int]:
     return {"rms_quant_fusion": 2 * cfg.num_layers, "act_quant_fusion": cfg.num_layers, "attn_quant_fusion": attn}
 
 
+def expected_misses(model: Any, passes: Sequence[fxfuse.FusionPass]) -> dict[str, dict[str, int]]:
+    """The near misses (`fxfuse.miss_table`) the reference ``model`` is known to have, per
+    pass and rewrite, for one compiled graph:
+
+    - the final norm: a ``fused_add_rms_norm`` whose output feeds the unquantized LM
+      head; one miss of every ``rms_quant_fusion`` rewrite whose chain starts there;
+    - attention on a layer whose backend does not write the model's output quant scheme
+      itself (``native-noquant``; or ``fp8-block``, whose per-group quant no backend
+      writes): one miss of each ``attn_quant_fusion`` rewrite per such layer.
+
+    Anything else is a fusion that stopped matching.
+
+    Example:
+        >>> expected_misses(model, fxfuse.default_passes())["rms_quant_fusion"]
+        {'FusedAddRmsNormStaticFp8Quant': 1, 'FusedAddRmsNormDynamicFp8Quant': 1, ...}
+    """
+    fused_attention = expected_matches(model)["attn_quant_fusion"]
+    unfused_attention = model.config.num_layers - fused_attention
+    starts_at = lambda t, op: t.variants[0].anchor.target is op  # noqa: E731
+    table: dict[str, dict[str, int]] = {}
+    for p in passes:
+        for t in p.traced:
+            if not t.rewrite.report_misses:
+                continue
+            if p.name == "rms_quant_fusion" and starts_at(t, torch.ops.fxfuse.fused_add_rms_norm.default):
+                table.setdefault(p.name, {})[t.name] = 1
+            elif p.name == "attn_quant_fusion" and unfused_attention:
+                table.setdefault(p.name, {})[t.name] = unfused_attention
+    return table
+
+
 # What the demo's compile timings mean; printed under them and written to the JSON.
 TIMING_NOTE = (
     "compile+prefill is the first call, compilation included. Both variants are timed in the same "
@@ -85,10 +116,12 @@ def demo(args: argparse.Namespace) -> int:
 
     with compat.compile_caches_disabled():
         warm_up_s = _warm_up(args, manager)
-        unfused, fused, table = _run_variants(model, manager, prompts, args.new_tokens)
+        unfused, fused, table, misses = _run_variants(model, manager, prompts, args.new_tokens)
     want = expected_matches(model)
     got = {name: sum(table.get(name, {}).values()) for name in want}
     _print_matches(table, want, got)
+    want_misses = expected_misses(model, manager.passes)
+    _print_misses(misses, want_misses)
     diff = (fused.logits.float() - unfused.logits.float()).abs().max().item()
     same_tokens = torch.equal(fused.tokens, unfused.tokens)
     print(f"\nmax |fused - unfused| of prefill logits: {diff:.3g}")
@@ -99,6 +132,8 @@ def demo(args: argparse.Namespace) -> int:
         _write_json(args.json, {
             "match_table": table,
             "expected_matches": want,
+            "miss_table": misses,
+            "expected_misses": want_misses,
             "max_abs_diff": diff,
             "tokens_fused": fused.tokens.tolist(),
             "tokens_unfused": unfused.tokens.tolist(),
@@ -114,7 +149,7 @@ def demo(args: argparse.Namespace) -> int:
             "run_s": {"fused": fused.run_s, "unfused": unfused.run_s},
             "timing_note": TIMING_NOTE,
         })
-    ok = same_tokens and got == want
+    ok = same_tokens and got == want and misses == want_misses
     if not ok:
         print("\nfxfuse demo: FAILED (see MISMATCH/NO above)", file=sys.stderr)
     return 0 if ok else 1
@@ -151,8 +186,9 @@ def _warm_up(args: argparse.Namespace, manager: fxfuse.PassManager) -> float:
     return time.perf_counter() - t0
 
 
-def _run_variants(model: Any, manager: fxfuse.PassManager, prompts: Any, new_tokens: int) -> tuple[Any, Any, dict]:
-    """Run ``prompts`` through each variant; returns (unfused, fused, the fused compile's match table)."""
+def _run_variants(model: Any, manager: fxfuse.PassManager, prompts: Any, new_tokens: int) -> tuple[Any, Any, dict, dict]:
+    """Run ``prompts`` through each variant; returns (unfused, fused, and the fused
+    compile's match and miss tables)."""
     from .models import run
 
     results = {}
@@ -160,7 +196,7 @@ def _run_variants(model: Any, manager: fxfuse.PassManager, prompts: Any, new_tok
         torch._dynamo.reset()
         fxfuse.reset_match_table()
         results[name] = run(model, forward, prompts, new_tokens)
-    return results["unfused"], results["fused"], fxfuse.match_table()
+    return results["unfused"], results["fused"], fxfuse.match_table(), fxfuse.miss_table()
 
 
 def _print_matches(table: dict[str, dict[str, int]], want: dict[str, int], got: dict[str, int]) -> None:
@@ -171,6 +207,16 @@ def _print_matches(table: dict[str, dict[str, int]], want: dict[str, int], got: 
     for name, n in want.items():
         verdict = "ok" if got[name] == n else "MISMATCH"
         print(f"  {name:<18} {'total (expected ' + str(n) + ')':<34} {got[name]:>4}  {verdict}")
+
+
+def _print_misses(misses: dict[str, dict[str, int]], want: dict[str, dict[str, int]]) -> None:
+    print("\nnear misses (sites where a chain starts but was not fused; `fxfuse explain` says why):")
+    for pass_name in sorted(set(misses) | set(want)):
+        for rewrite in sorted(set(misses.get(pass_name, {})) | set(want.get(pass_name, {}))):
+            n, w = misses.get(pass_name, {}).get(rewrite, 0), want.get(pass_name, {}).get(rewrite, 0)
+            print(f"  {pass_name:<18} {rewrite:<34} {n:>4}  {'expected' if n == w else f'MISMATCH (expected {w})'}")
+    if not misses and not want:
+        print("  none")
 
 
 def _print_timings(unfused: Any, fused: Any, warm_up_s: float) -> None:
@@ -245,7 +291,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="number of decoder layers (default: the preset's)")
     p.add_argument("--preset", default="tiny", help="model preset: tiny (CPU, seconds) or llama3-8b")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--quant", choices=["fp8", "nvfp4", "fp8-block"], default="fp8", help="activations into o_proj/down_proj: fp8 or nvfp4")
+    p.add_argument("--quant", choices=["fp8", "nvfp4", "fp8-block"], default="fp8", help="linear-layer quantization: fp8 (per-tensor static), nvfp4, or fp8-block (128x128 weight blocks, per-token-group activations)")
     p.add_argument("--attention-backend", default="auto",
                    help="attention backend of every layer: native, native-noquant, triton, or auto "
                         "(triton on cuda, native on cpu)")
