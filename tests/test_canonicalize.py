@@ -17,7 +17,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 import fxfuse
 from fxfuse import compat
 from fxfuse.canonicalize import DEFAULT_CANONICALIZATIONS, canonicalize, normalize_slice, split_to_slice
-from conftest import targets
+from conftest import targets, trace_graph
 
 aten = torch.ops.aten
 TOKENS = [1, 5, 8]  # the rewrites' examples have 8 tokens; a graph may hold any count
@@ -277,3 +277,31 @@ def test_normalize_slice_writes_one_form():
     assert normalize_slice(gm.graph) == 0  # a fixed point
     for got, w in zip(run(gm, x), want, strict=True):
         torch.testing.assert_close(got, w)
+
+
+def test_defaulted_custom_op_arguments_are_written_out():
+    """A bool wildcard whose sample is the op's default must still match (tracing drops
+    an argument equal to its default)."""
+    from fxfuse.canonicalize import fill_custom_op_defaults
+
+    fx = torch.ops.fxfuse
+    gm = trace_graph(lambda x: (fx.dynamic_per_token_fp8_quant(x), x.relu()), torch.randn(3, 8))
+    (node,) = [n for n in gm.graph.nodes if n.target is fx.dynamic_per_token_fp8_quant.default]
+    assert len(node.args) == 1
+    assert fill_custom_op_defaults(gm.graph) == 1 and node.args[1:] == (None,)
+    relu = [n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default]
+    assert all(len(n.args) == 1 for n in relu)  # aten ops are left as traced
+
+    class FlagWildcard(fxfuse.Rewrite):
+        def pattern(self, x, flag):
+            return fx.group_fp8_quant(x.relu(), 64, flag)
+
+        def replacement(self, x, flag):
+            return fx.group_fp8_quant(x.abs() * (x > 0), 64, flag)
+
+        def example_inputs(self):
+            return [fxfuse.TensorSpec((4, 128)), False]
+
+    for flag in (False, True):
+        gm = trace_graph(lambda x: fx.group_fp8_quant(x.relu(), 64, flag), torch.randn(4, 128))
+        assert fxfuse.FusionPass("p", [FlagWildcard()])(gm) == 1

@@ -338,10 +338,10 @@ def test_group_rewrites_leave_per_token_chains_to_their_own_rewrites(passes):
 
 
 def test_default_flag_canonicalization_only_fills_the_default():
-    from fxfuse.passes._common import explicit_group_quant_flags
+    from fxfuse.canonicalize import fill_custom_op_defaults
 
     gm = trace_graph(lambda x: (fx.group_fp8_quant(x, 64), fx.group_fp8_quant(x * 2, 128, True)), _rand(3, 128))
-    assert explicit_group_quant_flags(gm.graph) == 1
+    assert fill_custom_op_defaults(gm.graph) == 1
     flags = [nd.args[1:] for nd in gm.graph.nodes if nd.target is fx.group_fp8_quant.default]
     assert flags == [(64, False), (128, True)]
-    assert explicit_group_quant_flags(gm.graph) == 0  # idempotent
+    assert fill_custom_op_defaults(gm.graph) == 0  # idempotent

@@ -210,11 +210,41 @@ def normalize_slice(graph: torch.fx.Graph) -> int:
     return changed
 
 
+# Namespaces whose ops Inductor lowers itself; their nodes are left as traced.
+_CORE_NAMESPACES = frozenset({"aten", "prims", "_c10d_functional", "c10d_functional"})
+
+
+def fill_custom_op_defaults(graph: torch.fx.Graph) -> int:
+    """Write every defaulted positional argument of a custom op call explicitly.
+
+    Tracing drops trailing arguments equal to their defaults, so ``op(x, 128, False)``
+    and ``op(x, 128)`` are one call written two ways, and a ``bool``/``int`` wildcard
+    whose sample equals the default would vanish from the pattern. With the defaults
+    written out, a pattern and a graph hold the same arguments however they were called.
+    Keyword-only arguments are left alone (they are never positional in a graph).
+    """
+    changed = 0
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace in _CORE_NAMESPACES:
+            continue
+        params = [a for a in target._schema.arguments if not a.kwarg_only]
+        missing = params[len(node.args):]
+        if not missing or any(a.name in node.kwargs for a in missing) or not all(a.has_default_value() for a in missing):
+            continue
+        node.args = (*node.args, *(a.default_value for a in missing))
+        changed += 1
+    return changed
+
+
 DEFAULT_CANONICALIZATIONS: tuple[Canonicalization, ...] = (
     view_to_reshape,
     remove_noop_permute,
     split_to_slice,
     normalize_slice,
+    fill_custom_op_defaults,
 )
 
 

@@ -6,7 +6,7 @@ import torch
 
 from ..fusion_pass import FusionPass
 from ..rewrite import Rewrite
-from ._common import GROUP_QUANT_CANONICALIZATIONS, activation, is_fp32_scalar, same_model_dtype, scale, val
+from ._common import activation, is_fp32_scalar, same_model_dtype, scale, val
 
 fx = torch.ops.fxfuse
 
@@ -67,8 +67,4 @@ def act_quant_fusion() -> FusionPass:
     Example:
         >>> p = act_quant_fusion(); p(gm.graph)
     """
-    return FusionPass(
-        "act_quant_fusion",
-        [SiluMulStaticFp8Quant(), SiluMulNvfp4Quant(), SiluMulGroupFp8Quant()],
-        canonicalize=GROUP_QUANT_CANONICALIZATIONS,
-    )
+    return FusionPass("act_quant_fusion", [SiluMulStaticFp8Quant(), SiluMulNvfp4Quant(), SiluMulGroupFp8Quant()])

@@ -8,7 +8,6 @@ import torch
 from ..fusion_pass import FusionPass
 from ..rewrite import Rewrite
 from ._common import (
-    GROUP_QUANT_CANONICALIZATIONS,
     activation,
     is_fp32_scalar,
     same_model_dtype,
@@ -179,4 +178,4 @@ def rms_quant_fusion() -> FusionPass:
     Example:
         >>> p = rms_quant_fusion(); p(gm.graph)
     """
-    return FusionPass("rms_quant_fusion", [cls() for cls in REWRITES], canonicalize=GROUP_QUANT_CANONICALIZATIONS)
+    return FusionPass("rms_quant_fusion", [cls() for cls in REWRITES])
