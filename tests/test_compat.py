@@ -123,13 +123,13 @@ def test_one_custom_pass_runs_a_list_in_order_under_one_key():
     assert compat.one_custom_pass([a, lambda g: None]).uuid() is None
 
 
-def test_a_list_in_global_config_is_chained_after_the_fusion_passes(monkeypatch):
+def test_a_list_in_global_config_is_chained_after_the_fusion_passes():
     import fxfuse
     from torch._inductor import config
 
     log = []
-    monkeypatch.setattr(config, compat.custom_post_pass_key(), [_Recorder("a", log, "ka"), _Recorder("b", log, "kb")])
-    manager = fxfuse.inductor_options([])[compat.custom_post_pass_key()]
+    with config.patch({compat.custom_post_pass_key(): [_Recorder("a", log, "ka"), _Recorder("b", log, "kb")]}):
+        manager = fxfuse.inductor_options([])[compat.custom_post_pass_key()]
     gm = torch.fx.symbolic_trace(lambda x: x + 1)
     manager(gm.graph)
     assert log == ["a", "b"]
