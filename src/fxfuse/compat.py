@@ -453,3 +453,97 @@ def compile_caches_disabled() -> Iterator[None]:
         # Dynamo warns once that the switch also turns its profile-guided cache off: intended here.
         warnings.filterwarnings("ignore", message=".*force disabled by .*force_disable_caches")
         yield
+
+
+# --------------------------------------------------------------------------- process groups, symmetric memory
+#
+# c10d keeps its registry of process groups in private tables, and symmetric memory is a
+# private module whose API moved between releases (group names became optional when
+# allocating, `enable_symm_mem_for_group` became unnecessary and deprecated); fxfuse's
+# all-reduce ops and pass read both through these functions only.
+
+
+def process_group_names() -> list[str]:
+    """The names (``ProcessGroup.group_name``) of the process groups of this process, sorted.
+
+    Empty where torch.distributed is unavailable or not initialized.
+
+    >>> process_group_names()  # doctest: +SKIP  (after init_process_group and one new_group)
+    ['0', '1']
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return []
+    from torch.distributed import distributed_c10d as c10d
+
+    return sorted(c10d._world.pg_names.values())
+
+
+def resolve_process_group(name: str) -> Any:
+    """The process group of this process named ``name``, or None.
+
+    >>> resolve_process_group("no such group") is None
+    True
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(name, str):
+        return None
+    from torch.distributed import distributed_c10d as c10d
+
+    return next((pg for pg, pg_name in c10d._world.pg_names.items() if pg_name == name), None)
+
+
+def process_group_backends(group: Any) -> dict[str, str]:
+    """The backend of ``group`` for each device type it serves: ``{"cpu": "gloo", "cuda": "nccl"}``.
+
+    >>> process_group_backends(dist.group.WORLD)  # doctest: +SKIP  (a gloo world)
+    {'cpu': 'gloo', 'cuda': 'gloo'}
+    """
+    import torch.distributed as dist
+
+    config = str(dist.get_backend_config(group))  # "cpu:gloo,cuda:nccl", or one name for every device
+    if ":" not in config:
+        return {device: config for device in ("cpu", "cuda")}
+    return dict(sorted(tuple(part.split(":", 1)) for part in config.split(",")))  # type: ignore[misc]
+
+
+def symmetric_memory() -> Any:
+    """torch's symmetric-memory module where it has what fxfuse's all-reduce kernels use
+    (``empty``, ``rendezvous``, handles with device arrays of the peers' buffer and signal-pad
+    pointers), else None.
+
+    >>> symmetric_memory() is None or hasattr(symmetric_memory(), "rendezvous")
+    True
+    """
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch._C._distributed_c10d import _SymmetricMemory
+    except ImportError:
+        return None
+    handle_api = ("buffer_ptrs_dev", "signal_pad_ptrs_dev", "signal_pad_size")
+    if not all(hasattr(symm_mem, f) for f in ("empty", "rendezvous")) or not all(
+        hasattr(_SymmetricMemory, a) for a in handle_api
+    ):
+        return None
+    return symm_mem
+
+
+def symmetric_memory_rendezvous(tensor: torch.Tensor, group_name: str) -> Any:
+    """Exchange ``tensor`` (allocated by ``symmetric_memory().empty``) with the ranks of
+    ``group_name``; returns the handle. A collective.
+
+    Some releases need ``enable_symm_mem_for_group(group_name)`` before a group's first
+    rendezvous; later ones deprecate it (it warns and is not needed), so it is called
+    wherever it exists, its warning silenced.
+    """
+    symm_mem = symmetric_memory()
+    if symm_mem is None:
+        raise RuntimeError(f"torch {torch.__version__} has no usable symmetric memory")
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(group_name)
+    return symm_mem.rendezvous(tensor, group_name)

@@ -14,6 +14,8 @@ submodules):
 - :mod:`.group_quant`: per-token-group FP8 (block-scaled activations), alone and fused
   with ``rms_norm``, ``fused_add_rms_norm`` and ``silu_and_mul``
 - :mod:`.block_linear`: ``block_fp8_linear`` (128x128 block-scaled FP8 weights)
+- :mod:`.allreduce`: all-reduce (tensor parallelism) fused with ``fused_add_rms_norm`` and
+  each quant after it
 """
 
 import torch
@@ -25,5 +27,8 @@ from . import activation, fused, linear, norm, quant  # noqa: E402  (registers t
 from . import nvfp4  # noqa: E402  (registers the NVFP4 ops)
 from . import attention  # noqa: E402  (registers the paged attention op)
 from . import block_linear, group_quant  # noqa: E402  (registers the block-scaled FP8 ops)
+from . import allreduce  # noqa: E402  (registers the all-reduce fusions)
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "activation", "block_linear", "fused", "group_quant", "linear", "norm", "quant"]
+__all__ = [
+    "FP8_DTYPE", "FP8_MAX", "activation", "allreduce", "block_linear", "fused", "group_quant", "linear", "norm", "quant",
+]
