@@ -305,3 +305,20 @@ def test_defaulted_custom_op_arguments_are_written_out():
     for flag in (False, True):
         gm = trace_graph(lambda x: fx.group_fp8_quant(x.relu(), 64, flag), torch.randn(4, 128))
         assert fxfuse.FusionPass("p", [FlagWildcard()])(gm) == 1
+
+
+def test_a_pass_leaves_custom_op_calls_in_their_traced_form():
+    """Defaults are written out only while matching: Inductor's lowering of custom ops
+    re-normalizes each call and requires its argument count unchanged."""
+    fx = torch.ops.fxfuse
+    x, w = torch.randn(3, 64), torch.randn(64)
+
+    def f(x, w):
+        q, s = fx.dynamic_per_token_fp8_quant(fx.rms_norm(x.relu(), w, 1e-6))
+        return fx.group_fp8_quant(x, 64), q, s
+
+    gm = trace_graph(f, x, w)
+    before = {n.name: len(n.args) for n in gm.graph.nodes if n.op == "call_function"}
+    fxfuse.FusionPass("p", [])(gm)  # no rewrites: only the canonicalizations and their undo
+    after = {n.name: len(n.args) for n in gm.graph.nodes if n.op == "call_function"}
+    assert after == before

@@ -212,30 +212,76 @@ def normalize_slice(graph: torch.fx.Graph) -> int:
 
 # Namespaces whose ops Inductor lowers itself; their nodes are left as traced.
 _CORE_NAMESPACES = frozenset({"aten", "prims", "_c10d_functional", "c10d_functional"})
+# Argument types whose schema default is the Python value a call would pass. Enum-like
+# types (ScalarType, Layout, ...) report their defaults as integer codes: never written.
+_PLAIN_TYPES = frozenset({"bool", "int", "float", "str", "SymInt", "SymFloat"})
+
+
+def _custom_op_schema_tail(node: torch.fx.Node) -> list[Any] | None:
+    """The positional schema arguments of a custom-op call past those it passes."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    if target.namespace in _CORE_NAMESPACES:
+        return None
+    return [a for a in target._schema.arguments if not a.kwarg_only]
+
+
+def _writable_default(arg: Any) -> bool:
+    if not arg.has_default_value():
+        return False
+    return arg.default_value is None or str(arg.type) in _PLAIN_TYPES
 
 
 def fill_custom_op_defaults(graph: torch.fx.Graph) -> int:
-    """Write every defaulted positional argument of a custom op call explicitly.
+    """Write the defaulted positional arguments of custom-op calls explicitly.
 
     Tracing drops trailing arguments equal to their defaults, so ``op(x, 128, False)``
     and ``op(x, 128)`` are one call written two ways, and a ``bool``/``int`` wildcard
     whose sample equals the default would vanish from the pattern. With the defaults
     written out, a pattern and a graph hold the same arguments however they were called.
-    Keyword-only arguments are left alone (they are never positional in a graph).
+    `FusionPass` undoes this (`restore_custom_op_defaults`) once it has matched, because
+    Inductor's lowering expects calls in the traced form.
     """
     changed = 0
     for node in graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        params = _custom_op_schema_tail(node)
+        if params is None or len(node.args) >= len(params):
             continue
-        if target.namespace in _CORE_NAMESPACES:
-            continue
-        params = [a for a in target._schema.arguments if not a.kwarg_only]
         missing = params[len(node.args):]
-        if not missing or any(a.name in node.kwargs for a in missing) or not all(a.has_default_value() for a in missing):
+        if any(a.name in node.kwargs for a in missing):
             continue
-        node.args = (*node.args, *(a.default_value for a in missing))
-        changed += 1
+        fill = []
+        for a in missing:  # positional: only a contiguous run can be written
+            if not _writable_default(a):
+                break
+            fill.append(a.default_value)
+        if fill:
+            node.args = (*node.args, *fill)
+            changed += 1
+    return changed
+
+
+def restore_custom_op_defaults(graph: torch.fx.Graph) -> int:
+    """Drop trailing custom-op arguments equal to their defaults: the form tracing gives,
+    which Inductor's lowering of custom ops expects (it re-normalizes a call and
+    requires the argument count to stay). The inverse of `fill_custom_op_defaults`."""
+    changed = 0
+    for node in graph.nodes:
+        params = _custom_op_schema_tail(node)
+        if params is None:
+            continue
+        args = list(node.args)
+        while args and len(args) <= len(params):
+            a, v = params[len(args) - 1], args[-1]
+            if isinstance(v, torch.fx.Node) or not _writable_default(a):
+                break
+            if not (v is None and a.default_value is None) and not (type(v) is type(a.default_value) and v == a.default_value):
+                break
+            args.pop()
+        if len(args) != len(node.args):
+            node.args = tuple(args)
+            changed += 1
     return changed
 
 

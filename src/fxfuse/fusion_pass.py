@@ -14,7 +14,7 @@ import torch.fx
 from . import compat, diagnosis
 from .match_table import record, record_miss
 from .cache_key import canonicalization_key, class_key, digest, framework_digest, rewrite_key, stable_repr
-from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize
+from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize, restore_custom_op_defaults
 from .rewrite import Rewrite, RewriteError
 from .tracing import TracedRewrite, Variant, _Skip, output_metas, tensor_meta
 
@@ -199,6 +199,7 @@ class FusionPass:
                 record(self.name, rewrite, n)
             self._count_misses(graph, watched, sites)
         finally:
+            restore_custom_op_defaults(graph)  # the call form Inductor lowers
             self._declined = {}
             for traced in self._traced:
                 traced.forget_traces()
