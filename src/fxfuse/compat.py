@@ -212,7 +212,10 @@ def one_custom_pass(setting: Any) -> Any:
     return _CustomPassList(passes)
 
 
-class _CustomPassList(custom_graph_pass_base()):  # type: ignore[misc]
+class _CustomPassList:
+    """Passes run in order, keyed together. Only ever chained inside fxfuse's
+    `PassManager` (the `CustomGraphPass` Inductor sees), so it needs no base class."""
+
     def __init__(self, passes: Sequence[Callable[[torch.fx.Graph], Any]]) -> None:
         self.passes = tuple(passes)
 
