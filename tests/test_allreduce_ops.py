@@ -45,8 +45,11 @@ def _bits(t):
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.uint8) else t
 
 
-def _variants(x, r, w, g):
-    """(op name, args, the unfused chain on the same inputs) for every op."""
+def _variants(partials, r, w, g):
+    """(op name, args, the unfused chain on the same inputs) for every op. At world size 1
+    the all-reduce is the identity, so the chain starts from the partial sums rounded to
+    the residual's dtype."""
+    x = partials.to(r.dtype)
     s = torch.tensor([0.02])
     ub = torch.tensor([0.5])
     gs = (448.0 * 6.0 / (x.float() + r.float()).abs().amax()).reshape(1)
@@ -56,25 +59,28 @@ def _variants(x, r, w, g):
         return (*fx.nvfp4_quant(y, gs), r_out)
 
     return [
-        ("allreduce_fused_add_rms_norm", (x, r, w, EPS, g), lambda: fx.fused_add_rms_norm(x, r, w, EPS)),
-        ("allreduce_fused_add_rms_norm_static_fp8_quant", (x, r, w, s, EPS, g),
+        ("allreduce_fused_add_rms_norm", (partials, r, w, EPS, g), lambda: fx.fused_add_rms_norm(x, r, w, EPS)),
+        ("allreduce_fused_add_rms_norm_static_fp8_quant", (partials, r, w, s, EPS, g),
          lambda: fx.fused_add_rms_norm_static_fp8_quant(x, r, w, s, EPS)),
-        ("allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant", (x, r, w, EPS, g),
+        ("allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant", (partials, r, w, EPS, g),
          lambda: fx.fused_add_rms_norm_dynamic_per_token_fp8_quant(x, r, w, EPS)),
-        ("allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant", (x, r, w, EPS, g, ub),
+        ("allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant", (partials, r, w, EPS, g, ub),
          lambda: fx.fused_add_rms_norm_dynamic_per_token_fp8_quant(x, r, w, EPS, ub)),
-        ("allreduce_fused_add_rms_norm_nvfp4_quant", (x, r, w, gs, EPS, g), nvfp4_chain),
-        ("allreduce_fused_add_rms_norm_group_fp8_quant", (x, r, w, EPS, 64, g, True),
+        ("allreduce_fused_add_rms_norm_nvfp4_quant", (partials, r, w, gs, EPS, g), nvfp4_chain),
+        ("allreduce_fused_add_rms_norm_group_fp8_quant", (partials, r, w, EPS, 64, g, True),
          lambda: fx.fused_add_rms_norm_group_fp8_quant(x, r, w, EPS, 64, True)),
-        ("allreduce_fused_add_rms_norm_group_fp8_quant", (x, r, w, EPS, 64, g),
+        ("allreduce_fused_add_rms_norm_group_fp8_quant", (partials, r, w, EPS, 64, g),
          lambda: fx.fused_add_rms_norm_group_fp8_quant(x, r, w, EPS, 64)),
     ]
 
 
+@pytest.mark.parametrize("fp32_partials", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_each_op_equals_its_chain_and_its_native_reference(group, shape, dtype):
+def test_each_op_equals_its_chain_and_its_native_reference(group, shape, dtype, fp32_partials):
     x, r, w = _inputs(shape, dtype, seed=shape[0])
+    if fp32_partials:  # values that bf16/fp16 cannot hold: the op must round them once
+        x = x.float() + torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 1e-3
     for name, args, chain in _variants(x, r, w, group):
         got = getattr(fx, name)(*args)
         native = getattr(A, f"{name}_native")(*args)
@@ -117,6 +123,8 @@ def _bad_cases(g):
         ("allreduce_fused_add_rms_norm", (x, r[:4], w, EPS, g), ValueError, "`residual` must have shape"),
         ("allreduce_fused_add_rms_norm", (x, r, w.float(), EPS, g), ValueError, "`weight` must have dtype"),
         ("allreduce_fused_add_rms_norm", (x, r, w, EPS, ""), ValueError, "`group_name` must be a non-empty str"),
+        ("allreduce_fused_add_rms_norm", (x.half(), r, w, EPS, g), ValueError,
+         r"`x` \(the partial sums\) must have the dtype of `residual` \(torch.bfloat16\) or torch.float32"),
         ("allreduce_fused_add_rms_norm_static_fp8_quant", (x, r, w, s.double(), EPS, g), ValueError,
          "`scale` must have dtype torch.float32"),
         ("allreduce_fused_add_rms_norm_nvfp4_quant", (*_inputs((5, 40), torch.bfloat16, 9), s, EPS, g), ValueError,
@@ -126,7 +134,7 @@ def _bad_cases(g):
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_bad_arguments_name_the_op_and_the_argument(group, case):
     name, args, exc, message = _bad_cases(group)[case]
     with pytest.raises(exc, match=f"fxfuse.{name}: .*{message}"):
@@ -201,12 +209,14 @@ def _native(name, x, r, w, g, extra):
 
 @pytest.mark.skipif(not fxfuse.kernels.available("cpu"), reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("two_shot", [False, True])
-@pytest.mark.parametrize("shape", [(1, 64), (5, 192)])
-def test_kernel_epilogues_at_world_size_1_interpreted(group, shape, two_shot):
+@pytest.mark.parametrize("shape, fp32_partials", [((1, 64), False), ((5, 192), False), ((3, 64), True)])
+def test_kernel_epilogues_at_world_size_1_interpreted(group, shape, fp32_partials, two_shot):
     """The whole kernel (publish, barrier, reduce, epilogue, gather) with one rank, whose
     symmetric buffer and signal pad are plain CPU tensors: equal to the native chain."""
     x, r, w = _inputs(shape, torch.bfloat16, 8 + shape[0])
-    buffer = torch.zeros(2 * x.nbytes, dtype=torch.uint8)
+    if fp32_partials:
+        x = x.float() + torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 1e-3
+    buffer = torch.zeros(x.nbytes + r.nbytes, dtype=torch.uint8)
     pad = torch.zeros(16, dtype=torch.int32)
     buffer_ptrs = torch.tensor([buffer.data_ptr()], dtype=torch.int64)
     pad_ptrs = torch.tensor([pad.data_ptr()], dtype=torch.int64)

@@ -4,12 +4,18 @@ An engine with one worker process per GPU compiles the same model in every worke
 a fusion that silently stops matching on one rank (another shape, another backend) is
 exactly what a per-process table hides. Each rank calls `gather_match_table` (it is a
 collective) and gets the sum of all ranks' tables.
+
+`spawn` starts such a set of processes on one machine, for the tensor-parallel reference
+model (``fxfuse demo --tp N``) and for tests.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import pickle
+import tempfile
+from typing import Any, Callable, Sequence
 
 from .match_table import match_table
 
@@ -59,3 +65,56 @@ def gather_match_table(group: Any = None) -> dict[str, dict[str, int]]:
     dist.all_gather(buffers, padded, group=group)
     tables = [json.loads(bytes(b[: int(n.item())].tolist()).decode()) for b, n in zip(buffers, sizes)]
     return merge_tables(tables)
+
+
+def spawn(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *, device: str = "cpu") -> Any:
+    """Run ``fn(*args)`` in ``world_size`` new processes, one rank each of a new default
+    process group (gloo on the CPU, NCCL on CUDA with one GPU per rank); returns rank 0's
+    return value.
+
+    ``fn`` and ``args`` must be picklable (``fn`` a module-level function: the processes
+    are started with ``spawn``), and so must rank 0's result. On the CPU each rank gets an
+    equal share of the cores as its intra-op threads. A rank that raises makes this raise
+    (``torch.multiprocessing.ProcessRaisedException``, with the rank's traceback), after
+    the other ranks are stopped.
+
+    Example:
+        >>> def world_size():
+        ...     return torch.distributed.get_world_size()
+        >>> fxfuse.distributed.spawn(world_size, 2)
+        2
+    """
+    import torch
+    import torch.multiprocessing as mp
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"fxfuse.distributed.spawn: world_size must be a positive int, got {world_size!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"fxfuse.distributed.spawn: device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"fxfuse.distributed.spawn: {world_size} ranks on CUDA need {world_size} GPUs, "
+                         f"{torch.cuda.device_count()} visible")
+    with tempfile.TemporaryDirectory(prefix="fxfuse-spawn-") as tmp:
+        mp.spawn(_rank_main, args=(world_size, device, tmp, fn, tuple(args)), nprocs=world_size, join=True)
+        with open(os.path.join(tmp, "result.pkl"), "rb") as f:
+            return pickle.load(f)
+
+
+def _rank_main(rank: int, world_size: int, device: str, tmp: str, fn: Callable[..., Any], args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    else:  # ranks share the cores rather than each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
+                            world_size=world_size)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            with open(os.path.join(tmp, "result.pkl"), "wb") as f:
+                pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()

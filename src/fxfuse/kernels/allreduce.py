@@ -2,9 +2,9 @@
 
 One kernel replaces NCCL's all-reduce and the fused norm-quant kernel after it. Every
 rank's buffer is mapped into every peer's address space (PyTorch symmetric memory), so
-a program loads the peers' partial sums with plain loads, sums them in fp32 in rank
-order (the same order on every rank, so every rank gets the same bits), rounds the sum
-to the model dtype (the all-reduce's output) and runs the epilogue of the unfused
+a program loads the peers' partial sums (model dtype or fp32) with plain loads, sums them
+in fp32 in rank order (the same order on every rank, so every rank gets the same bits),
+rounds the sum to the model dtype once and runs the epilogue of the unfused
 kernels on it: `norm_quant.rms_norm_row`, then the static / per-token FP8
 (`quantize_fp8`), NVFP4 (`_nvfp4.quantize_rows`) or per-token-group FP8
 (`group_quant._quantize_groups`) code.
@@ -161,8 +161,8 @@ def _allreduce_rms_norm_kernel(
             tl.debug_barrier()
             if TWO_SHOT:
                 # Residual add only; the new residual goes to this rank's gather region.
-                rms_norm_row(res_out_ptr, res_ptr, w_ptr, mine + gather_offset, row, n_cols, eps, True, BLOCK,
-                             EXACT_CASTS)
+                gather = tl.load(bufs + rank).to(res_out_ptr.dtype) + gather_offset
+                rms_norm_row(res_out_ptr, res_ptr, w_ptr, gather, row, n_cols, eps, True, BLOCK, EXACT_CASTS)
             else:
                 _norm_quant_row(res_out_ptr, res_ptr, w_ptr, res_out_ptr, scale_ptr, ub_ptr, out_ptr, s_ptr,
                                 row, n_cols, eps, s_row_stride, s_group_stride, kb_pad,
@@ -176,7 +176,7 @@ def _allreduce_rms_norm_kernel(
                 row = (owner * chunk + i).to(tl.int64)
                 if row < n_rows:
                     offs = row * n_cols + cols
-                    src = tl.load(bufs + owner).to(x_ptr.dtype) + gather_offset
+                    src = tl.load(bufs + owner).to(res_out_ptr.dtype) + gather_offset
                     tl.store(res_out_ptr + offs, tl.load(src + offs, mask=mask), mask=mask)
                     tl.debug_barrier()
                     _norm_quant_row(res_out_ptr, res_ptr, w_ptr, res_out_ptr, scale_ptr, ub_ptr, out_ptr, s_ptr,
@@ -188,7 +188,8 @@ def _allreduce_rms_norm_kernel(
 
 
 def _outputs(x: torch.Tensor, epilogue: int, group_size: Optional[int], column_major: bool):
-    """``(outputs in the op's order, out, scales, s_row_stride, s_group_stride, kb_pad)``."""
+    """``(outputs in the op's order, out, scales, s_row_stride, s_group_stride, kb_pad)``;
+    ``x`` is the residual (model dtype)."""
     n_cols = x.shape[-1]
     rows = x.numel() // n_cols
     res_out = torch.empty_like(x)
@@ -232,8 +233,9 @@ def fused_allreduce_rms_norm(
     group_size: Optional[int] = None,
     column_major_scales: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """All-reduce ``x`` (this rank's partial sums, ``[..., hidden]`` contiguous) over the ranks
-    whose symmetric buffers ``buffer_ptrs`` points at, then the residual add, RMSNorm and
+    """All-reduce ``x`` (this rank's partial sums, ``[..., hidden]`` contiguous, in
+    ``residual``'s dtype or fp32) over the ranks whose symmetric buffers ``buffer_ptrs``
+    points at, round the sum to ``residual``'s dtype, then the residual add, RMSNorm and
     ``epilogue``. A collective: every rank of the group launches it with the same shapes.
 
     ``buffer_ptrs`` / ``signal_pad_ptrs`` are device addresses of ``world_size`` 64-bit
@@ -248,12 +250,12 @@ def fused_allreduce_rms_norm(
         ...     signal_pad_ptrs=h.signal_pad_ptrs_dev, rank=h.rank, world_size=h.world_size,
         ...     gather_offset_bytes=1 << 21, max_programs=132, two_shot=False)  # doctest: +SKIP
     """
-    outputs, out, s, s_row, s_group, kb_pad = _outputs(x, epilogue, group_size, column_major_scales)
+    outputs, out, s, s_row, s_group, kb_pad = _outputs(residual, epilogue, group_size, column_major_scales)
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
     if n_rows == 0:
         return outputs
-    if gather_offset_bytes % x.element_size():
+    if gather_offset_bytes % residual.element_size():
         raise ValueError(f"gather_offset_bytes ({gather_offset_bytes}) must be a multiple of the element size")
     chunk = triton.cdiv(n_rows, world_size) if two_shot else n_rows
     block = triton.next_power_of_2(n_cols)
@@ -261,7 +263,7 @@ def fused_allreduce_rms_norm(
     _allreduce_rms_norm_kernel[(max(1, min(chunk, max_programs)),)](
         x, residual, weight, scale if scale is not None else dummy, scale_ub if scale_ub is not None else dummy,
         out, s if s is not None else dummy, outputs[-1],
-        buffer_ptrs, signal_pad_ptrs, rank, n_rows, n_cols, float(eps), gather_offset_bytes // x.element_size(),
+        buffer_ptrs, signal_pad_ptrs, rank, n_rows, n_cols, float(eps), gather_offset_bytes // residual.element_size(),
         s_row, s_group, kb_pad,
         WORLD=world_size, TWO_SHOT=two_shot, SLICES=world_size if two_shot else 1, EPILOGUE=epilogue, HAS_UB=scale_ub is not None,
         GROUP=group_size or 1, BLOCK=block, EXACT_CASTS=exact_casts(),

@@ -25,6 +25,8 @@ QUANT_SCHEMES = frozenset({"fp8", "nvfp4", "fp8-block"})
 _NVFP4_BLOCK = 16
 #: Activation group sizes of ``"fp8-block"`` (those of ``fxfuse.ops.group_quant``).
 _GROUP_SIZES = (64, 128)
+#: ``"fp8-block"`` weights have one scale per block of this many rows and columns.
+_WEIGHT_BLOCK = 128
 
 #: Activation dtypes the fxfuse ops accept.
 MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -37,6 +39,7 @@ _POSITIVE_INT_FIELDS = (
     "num_heads",
     "num_kv_heads",
     "head_dim",
+    "tp_size",
 )
 
 
@@ -58,6 +61,14 @@ class ModelConfig:
       calibrated. ``group_size`` (64 or 128) must divide ``hidden_size`` and
       ``intermediate_size`` (the linears' input widths); left ``None`` it is 128 where both
       allow it, else 64.
+
+    ``tp_size`` splits the model over that many ranks (`fxfuse.models.parallel`): each
+    holds ``num_heads / tp_size`` query heads and ``num_kv_heads / tp_size`` KV heads (and
+    their KV cache) and ``intermediate_size / tp_size`` MLP columns, so all three must
+    divide. A rank's slice of a quantized weight must not cut a quantization block: with
+    ``"nvfp4"`` the per-rank widths into ``o_proj`` and ``down_proj`` are multiples of 16,
+    with ``"fp8-block"`` every per-rank width (q, k/v, MLP) a multiple of the 128x128
+    weight blocks.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
@@ -81,6 +92,7 @@ class ModelConfig:
     seed: int = 0
     quant: str = "fp8"
     group_size: int | None = None
+    tp_size: int = 1
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_INT_FIELDS:
@@ -138,6 +150,33 @@ class ModelConfig:
                         f"ModelConfig.{name} ({width}) must be a multiple of {_NVFP4_BLOCK} for "
                         f"quant='nvfp4' (NVFP4 quantizes {_NVFP4_BLOCK}-element blocks)"
                     )
+        if self.tp_size > 1:
+            self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tp_size
+        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) % tp != 0:
+                raise ValueError(
+                    f"ModelConfig.{name} ({getattr(self, name)}) must be a multiple of tp_size ({tp}): "
+                    "each rank holds an equal share"
+                )
+        # Per-rank widths of the sharded dims of the quantized weights.
+        widths = {"q_size / tp_size": self.local_q_size, "kv_size / tp_size": self.local_kv_size,
+                  "intermediate_size / tp_size": self.local_intermediate_size}
+        if self.quant == "nvfp4":  # o_proj and down_proj are split along their NVFP4 blocks
+            block, what = _NVFP4_BLOCK, "NVFP4 blocks"
+            widths.pop("kv_size / tp_size")
+        elif self.quant == "fp8-block":  # every linear is split along or across 128x128 blocks
+            block, what = _WEIGHT_BLOCK, "128x128 weight blocks"
+        else:
+            return
+        for name, width in widths.items():
+            if width % block != 0:
+                raise ValueError(
+                    f"ModelConfig {name} ({width}) must be a multiple of {block} for quant={self.quant!r} "
+                    f"at tp_size={tp}: a rank's slice of a weight must not cut its {what}"
+                )
 
     def _linear_input_widths(self) -> tuple[tuple[str, int], ...]:
         # QKV, gate/up and o_proj read hidden_size (o_proj's num_heads * head_dim is equal to
@@ -180,6 +219,41 @@ class ModelConfig:
             32
         """
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def local_num_heads(self) -> int:
+        """Query heads per tensor-parallel rank.
+
+        Example:
+            >>> ModelConfig.preset("tiny", tp_size=2).local_num_heads
+            2
+        """
+        return self.num_heads // self.tp_size
+
+    @property
+    def local_num_kv_heads(self) -> int:
+        """KV heads (and KV-cache heads) per tensor-parallel rank.
+
+        Example:
+            >>> ModelConfig.preset("tiny", tp_size=2).local_num_kv_heads
+            1
+        """
+        return self.num_kv_heads // self.tp_size
+
+    @property
+    def local_q_size(self) -> int:
+        """Query width per rank: ``local_num_heads * head_dim``."""
+        return self.local_num_heads * self.head_dim
+
+    @property
+    def local_kv_size(self) -> int:
+        """Key (and value) width per rank: ``local_num_kv_heads * head_dim``."""
+        return self.local_num_kv_heads * self.head_dim
+
+    @property
+    def local_intermediate_size(self) -> int:
+        """MLP width per rank: ``intermediate_size / tp_size``."""
+        return self.intermediate_size // self.tp_size
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> "ModelConfig":

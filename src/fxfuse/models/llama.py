@@ -61,6 +61,7 @@ from fxfuse.ops.block_linear import dequantize_weight_blocks, quantize_weight_bl
 from fxfuse.ops.nvfp4 import E2M1_MAX, nvfp4_dequantize
 
 from .config import ModelConfig
+from .parallel import Shard, TensorParallel
 from .runner import ModelRunner, Prompts, random_prompts
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -167,12 +168,24 @@ def _release_layers(prefix: str, layers: tuple[AttentionLayer, ...]) -> None:
         _CLAIMED_PREFIXES.discard(prefix)
 
 
+def _input_amax(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """The calibration ``amax`` of a linear's input ``x`` (floored at `MIN_CALIBRATION_AMAX`):
+    the largest over the tensor-parallel ranks, whose inputs are slices of one activation
+    for a row-parallel layer (and equal for a column-parallel one)."""
+    amax = tp.all_reduce(x.abs().amax().float().reshape(1), "max")
+    return amax.clamp(min=MIN_CALIBRATION_AMAX)
+
+
 class Fp8Linear(torch.nn.Module):
     """A bias-free linear layer with a per-tensor FP8 weight and a static FP8 input quant.
 
     ``forward(x)`` is ``fp8_linear(static_scaled_fp8_quant(x, input_scale), weight_q,
     input_scale, weight_scale)``. The weight is quantized once at construction with
     ``weight_scale = amax / 448``; ``input_scale`` is set by calibration.
+
+    Tensor parallel: ``weight`` is the full weight and the layer keeps ``shard.take`` of it,
+    quantized with the full weight's scale; calibration takes the largest ``amax`` over the
+    ranks of ``tp``, so every rank quantizes as the ``tp_size=1`` model does.
 
     Example:
         >>> lin = Fp8Linear(torch.randn(32, 64, dtype=torch.bfloat16), out_dtype=torch.bfloat16)
@@ -181,12 +194,21 @@ class Fp8Linear(torch.nn.Module):
         torch.Size([4, 32])
     """
 
-    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        out_dtype: torch.dtype,
+        *,
+        shard: Optional[Shard] = None,
+        tp: TensorParallel = TensorParallel(),
+    ) -> None:
         super().__init__()
         self.out_dtype = out_dtype
+        self.tp = tp
         amax = weight.abs().amax().float().clamp(min=MIN_CALIBRATION_AMAX)
         weight_scale = (amax / FP8_MAX).reshape(1)
-        weight_q = torch.ops.fxfuse.static_scaled_fp8_quant(weight.contiguous(), weight_scale)
+        weight = shard.take(weight) if shard is not None else weight.contiguous()
+        weight_q = torch.ops.fxfuse.static_scaled_fp8_quant(weight, weight_scale)
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_scale", weight_scale)
         # Placeholder until calibrate() runs; 1.0 keeps an uncalibrated forward finite.
@@ -234,7 +256,7 @@ class Fp8Linear(torch.nn.Module):
         if mode == _REFERENCE:
             return (x.float() @ self.dequantized_weight().t()).to(self.out_dtype)
         if mode == _CALIBRATE:
-            amax = x.abs().amax().float().clamp(min=MIN_CALIBRATION_AMAX)
+            amax = _input_amax(x, self.tp)
             self.input_scale.copy_((amax / FP8_MAX).reshape(1))
         elif mode != _QUANT:
             raise ValueError(f"Fp8Linear: unknown mode {mode!r}")
@@ -254,18 +276,29 @@ class Nvfp4Linear(torch.nn.Module):
     the slow way (no FP4 tensor cores are needed, so it runs on any device).
     ``input_global_scale = 448 * 6 / amax(x)`` is set by calibration.
 
+    Tensor parallel: as `Fp8Linear` (``weight_global_scale`` from the full weight,
+    calibration over the ranks); the slice must keep whole 16-element blocks.
+
     Example:
         >>> lin = Nvfp4Linear(torch.randn(32, 64, dtype=torch.bfloat16), out_dtype=torch.bfloat16)
         >>> lin(torch.randn(4, 64, dtype=torch.bfloat16), mode="calibrate").shape
         torch.Size([4, 32])
     """
 
-    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        out_dtype: torch.dtype,
+        *,
+        shard: Optional[Shard] = None,
+        tp: TensorParallel = TensorParallel(),
+    ) -> None:
         super().__init__()
         self.out_dtype = out_dtype
-        weight = weight.contiguous()
+        self.tp = tp
         amax = weight.abs().amax().float().clamp(min=MIN_CALIBRATION_AMAX)
         weight_global_scale = (FP8_MAX * E2M1_MAX / amax).reshape(1)
+        weight = shard.take(weight) if shard is not None else weight.contiguous()
         weight_q, weight_block_scales = _fx.nvfp4_quant(weight, weight_global_scale)
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_block_scales", weight_block_scales)
@@ -306,7 +339,7 @@ class Nvfp4Linear(torch.nn.Module):
         if mode == _REFERENCE:
             return (x.float() @ self.weight_dequant.t()).to(self.out_dtype)
         if mode == _CALIBRATE:
-            amax = x.abs().amax().float().clamp(min=MIN_CALIBRATION_AMAX)
+            amax = _input_amax(x, self.tp)
             self.input_global_scale.copy_((FP8_MAX * E2M1_MAX / amax).reshape(1))
         elif mode != _QUANT:
             raise ValueError(f"Nvfp4Linear: unknown mode {mode!r}")
@@ -331,11 +364,19 @@ class BlockFp8Linear(torch.nn.Module):
         torch.Size([4, 192])
     """
 
-    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype, group_size: int) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        out_dtype: torch.dtype,
+        group_size: int,
+        *,
+        shard: Optional[Shard] = None,
+    ) -> None:
         super().__init__()
         self.out_dtype = out_dtype
         self.group_size = group_size
-        weight_q, weight_scales = quantize_weight_blocks(weight)
+        # Blocks are per 128x128 tile: the slice of whole tiles quantizes as the full weight does.
+        weight_q, weight_scales = quantize_weight_blocks(shard.take(weight) if shard is not None else weight)
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_scales", weight_scales)
 
@@ -436,7 +477,9 @@ class LlamaDecoderLayer(torch.nn.Module):
     """One pre-norm decoder layer: paged attention and a SwiGLU MLP, quantized linears, GQA.
 
     Built by :class:`LlamaForCausalLM`, which names its attention layer (``layer_name``)
-    and passes the running residual between layers.
+    and passes the running residual between layers. Under tensor parallelism (``tp``) it
+    holds this rank's heads and MLP columns, and all-reduces the outputs of ``o_proj`` and
+    ``down_proj`` (`fxfuse.models.parallel`).
 
     Example:
         >>> layer = model.layers[0]
@@ -450,11 +493,13 @@ class LlamaDecoderLayer(torch.nn.Module):
         gen: torch.Generator,
         device: torch.device,
         layer_name: str,
+        tp: TensorParallel = TensorParallel(),
     ) -> None:
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.layer_name = layer_name
+        self.tp = tp
         c = config
         dt = c.dtype
 
@@ -464,14 +509,22 @@ class LlamaDecoderLayer(torch.nn.Module):
         # The linears whose inputs the fusions under test quantize (attention output,
         # SiLU-and-mul output) are NVFP4 in the "nvfp4" scheme; QKV and gate/up stay FP8.
         # "fp8-block" makes all four block-scaled.
+        # Each is built from the full weight and keeps this rank's shard (None: all of it).
+        # The row-parallel ones (o, down) write their partial sums in `partials` (see
+        # TensorParallel.partial_sum_dtype); at tp_size=1 that is the model dtype.
+        partials = tp.partial_sum_dtype(dt)
         if c.quant == "fp8-block":
-            def make_linear(w: torch.Tensor, out_dtype: torch.dtype) -> QuantLinear:
-                return BlockFp8Linear(w, out_dtype, c.activation_group_size)
+            def in_linear(w: torch.Tensor, shard: Optional[Shard]) -> QuantLinear:
+                return BlockFp8Linear(w, dt, c.activation_group_size, shard=shard)
 
-            in_linear = resid_linear = make_linear
+            def resid_linear(w: torch.Tensor, shard: Optional[Shard]) -> QuantLinear:
+                return BlockFp8Linear(w, partials, c.activation_group_size, shard=shard)
         else:
-            in_linear = Fp8Linear
-            resid_linear = Nvfp4Linear if c.quant == "nvfp4" else Fp8Linear
+            def in_linear(w: torch.Tensor, shard: Optional[Shard]) -> QuantLinear:
+                return Fp8Linear(w, dt, shard=shard, tp=tp)
+
+            def resid_linear(w: torch.Tensor, shard: Optional[Shard]) -> QuantLinear:
+                return (Nvfp4Linear if c.quant == "nvfp4" else Fp8Linear)(w, partials, shard=shard, tp=tp)
 
         # Fan-in scaling keeps every projection's output near unit RMS for any preset;
         # the residual-writing projections (o, down) are shrunk further so the residual
@@ -479,14 +532,18 @@ class LlamaDecoderLayer(torch.nn.Module):
         in_std = c.hidden_size**-0.5
         resid_std = (2 * c.num_layers) ** -0.5
         self.register_buffer("input_norm_weight", (1.0 + randn(c.hidden_size, std=0.05)).to(dt))
-        self.qkv_proj = in_linear(randn(c.q_size + 2 * c.kv_size, c.hidden_size, std=in_std), dt)
-        self.o_proj = resid_linear(randn(c.hidden_size, c.q_size, std=c.q_size**-0.5 * resid_std), dt)
+        # Column-parallel QKV: each rank's q, k and v rows (its heads). Row-parallel o_proj.
+        qkv = randn(c.q_size + 2 * c.kv_size, c.hidden_size, std=in_std)
+        self.qkv_proj = in_linear(qkv, tp.column((c.q_size, c.kv_size, c.kv_size)))
+        o = randn(c.hidden_size, c.q_size, std=c.q_size**-0.5 * resid_std)
+        self.o_proj = resid_linear(o, tp.row(c.q_size))
         self.register_buffer("post_attention_norm_weight", (1.0 + randn(c.hidden_size, std=0.05)).to(dt))
-        # Gate rows first, then up rows: silu_and_mul reads [gate | up] along the last dim.
-        self.gate_up_proj = in_linear(randn(2 * c.intermediate_size, c.hidden_size, std=in_std), dt)
-        self.down_proj = resid_linear(
-            randn(c.hidden_size, c.intermediate_size, std=c.intermediate_size**-0.5 * resid_std), dt
-        )
+        # Gate rows first, then up rows: silu_and_mul reads [gate | up] along the last dim;
+        # a rank holds its gate rows then the matching up rows.
+        gate_up = randn(2 * c.intermediate_size, c.hidden_size, std=in_std)
+        self.gate_up_proj = in_linear(gate_up, tp.column((c.intermediate_size, c.intermediate_size)))
+        down = randn(c.hidden_size, c.intermediate_size, std=c.intermediate_size**-0.5 * resid_std)
+        self.down_proj = resid_linear(down, tp.row(c.intermediate_size))
 
     def _attention(
         self,
@@ -505,10 +562,10 @@ class LlamaDecoderLayer(torch.nn.Module):
         c = self.config
         tokens = q.shape[0]
         if mode == _REFERENCE:
-            return _reference_attention(q, k, v, query_lens).reshape(tokens, c.q_size)
-        out = torch.empty(tokens, c.num_heads, c.head_dim, dtype=q.dtype, device=q.device)
+            return _reference_attention(q, k, v, query_lens).reshape(tokens, c.local_q_size)
+        out = torch.empty(tokens, c.local_num_heads, c.head_dim, dtype=q.dtype, device=q.device)
         _fx.attention(q, k, v, out, self.layer_name)
-        return out.view(tokens, c.num_heads * c.head_dim)
+        return out.view(tokens, c.local_num_heads * c.head_dim)
 
     def forward(
         self,
@@ -536,18 +593,20 @@ class LlamaDecoderLayer(torch.nn.Module):
             h, residual = _fx.fused_add_rms_norm(x, residual, self.input_norm_weight, c.rms_eps)
         qkv = self.qkv_proj(h, mode)
 
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q, k, v = qkv.split([c.local_q_size, c.local_kv_size, c.local_kv_size], dim=-1)
         tokens = q.shape[0]
-        q = apply_rotary(q.reshape(tokens, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rotary(k.reshape(tokens, c.num_kv_heads, c.head_dim), cos, sin)
+        q = apply_rotary(q.reshape(tokens, c.local_num_heads, c.head_dim), cos, sin)
+        k = apply_rotary(k.reshape(tokens, c.local_num_kv_heads, c.head_dim), cos, sin)
         # The split leaves v strided inside qkv; kernels get a dense [T, Hkv, D].
-        v = v.reshape(tokens, c.num_kv_heads, c.head_dim).contiguous()
+        v = v.reshape(tokens, c.local_num_kv_heads, c.head_dim).contiguous()
         attn = self._attention(q, k, v, mode, query_lens)
-        x = self.o_proj(attn, mode)
+        # Row-parallel projections leave partial sums; their all-reduce (none at tp_size=1)
+        # feeds the next fused_add_rms_norm, where allreduce_rms_fusion joins them.
+        x = self.tp.reduce_partial_sums(self.o_proj(attn, mode), c.dtype)
 
         h, residual = _fx.fused_add_rms_norm(x, residual, self.post_attention_norm_weight, c.rms_eps)
         gate_up = self.gate_up_proj(h, mode)
-        x = self.down_proj(_fx.silu_and_mul(gate_up), mode)
+        x = self.tp.reduce_partial_sums(self.down_proj(_fx.silu_and_mul(gate_up), mode), c.dtype)
         return x, residual
 
 
@@ -596,6 +655,16 @@ class LlamaForCausalLM(torch.nn.Module):
     ``model_1.layers.{i}.self_attn``, and so on; names are freed by :meth:`close` or
     when the model is garbage-collected (whichever comes first), and then reused.
 
+    **Tensor parallelism.** With ``config.tp_size > 1`` the model is one rank's part of
+    the model: construct it on every rank of ``tp_group`` (default: the world group, which
+    must then have ``tp_size`` ranks), each in its own process. A rank holds its share of
+    the heads (and registers its attention layers, and so its KV caches, with that many
+    heads) and of the MLP, and all-reduces the partial sums of ``o_proj`` and ``down_proj``
+    (`fxfuse.models.parallel`); embedding, norms and LM head are replicated. Every rank
+    computes the same logits, and they are those of ``tp_size=1``: the partial sums are
+    added in fp32 and rounded once, where ``tp_size=1`` rounds its fp32 GEMM sum once
+    (`TensorParallel.partial_sum_dtype`), so only fp32 reassociation can tell them apart.
+
     Example:
         >>> model = LlamaForCausalLM(ModelConfig.preset("tiny", num_layers=3))
         >>> model.attention_layer_names[0]
@@ -610,11 +679,13 @@ class LlamaForCausalLM(torch.nn.Module):
         device: Union[str, torch.device] = "cpu",
         attention_backend: Union[str, AttentionBackend] = "native",
         layer_prefix: Optional[str] = None,
+        tp_group: Optional[object] = None,
     ) -> None:
         super().__init__()
         self.config = config
         device = torch.device(device)
         c = config
+        self.tp = TensorParallel.resolve(c.tp_size, tp_group)
         backend = resolve_attention_backend(attention_backend)
         self.attention_backend_name: str = backend.name
         gen = torch.Generator(device=device).manual_seed(c.seed)
@@ -627,7 +698,8 @@ class LlamaForCausalLM(torch.nn.Module):
         registered: list[AttentionLayer] = []
         try:
             for name in names:
-                registered.append(register_layer(AttentionLayer(name, c.num_heads, c.num_kv_heads, c.head_dim, backend)))
+                layer = AttentionLayer(name, c.local_num_heads, c.local_num_kv_heads, c.head_dim, backend)
+                registered.append(register_layer(layer))
         except BaseException:
             _release_layers(prefix, tuple(registered))
             raise
@@ -638,7 +710,7 @@ class LlamaForCausalLM(torch.nn.Module):
         # Unit-RMS embeddings put the residual stream at the same scale as the layers' writes.
         self.register_buffer("embed_tokens", randn(c.vocab_size, c.hidden_size, std=1.0))
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(c, i, gen, device, names[i]) for i in range(c.num_layers)
+            LlamaDecoderLayer(c, i, gen, device, names[i], self.tp) for i in range(c.num_layers)
         )
         self.register_buffer("final_norm_weight", (1.0 + randn(c.hidden_size, std=0.05)).to(c.dtype))
         # Logits of roughly unit scale: greedy picks depend on the input, not on ties.

@@ -217,7 +217,8 @@ class ModelRunner:
     def _allocate(self, num_blocks: int) -> None:
         c = self.config
         self.kv_caches = {
-            name: KVCache.allocate(num_blocks, self.block_size, c.num_kv_heads, c.head_dim, c.dtype, self.device)
+            # A tensor-parallel rank caches its own KV heads only.
+            name: KVCache.allocate(num_blocks, self.block_size, c.local_num_kv_heads, c.head_dim, c.dtype, self.device)
             for name in self.layer_names
         }
         self.num_blocks = num_blocks

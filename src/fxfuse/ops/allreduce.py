@@ -17,11 +17,15 @@ normalized, quantized activations (``fxfuse.kernels.allreduce``):
   column_major_scales=False) -> (q, scales, residual_out)``
 
 Each is its unfused chain: ``all_reduce(x, "sum", group_name)`` (the functional
-collective, ``torch.ops._c10d_functional``), then the op it names without the
-``allreduce_`` prefix (``fused_add_rms_norm_nvfp4_quant`` is ``fused_add_rms_norm`` then
-``nvfp4_quant``). ``group_name`` (``ProcessGroup.group_name``) follows the chain's
-arguments that have no default. ``x`` is this rank's partial sum; ``residual``, the
-weight and the scales are the same on every rank, and so are all outputs.
+collective, ``torch.ops._c10d_functional``), rounded to ``residual``'s dtype, then the op
+it names without the ``allreduce_`` prefix (``fused_add_rms_norm_nvfp4_quant`` is
+``fused_add_rms_norm`` then ``nvfp4_quant``). ``group_name`` (``ProcessGroup.group_name``)
+follows the chain's arguments that have no default.
+
+``x`` is this rank's partial sum, in ``residual``'s dtype (what engines reduce) or in fp32
+(what the reference model reduces under tensor parallelism: the sum is then rounded once,
+see `fxfuse.models.parallel.TensorParallel.partial_sum_dtype`); ``residual``, the weight
+and the scales are the same on every rank, and so are all outputs.
 
 Where each op runs (`fxfuse.ops._groups.fused_implementation`):
 
@@ -56,7 +60,7 @@ from .group_quant import (
     fused_add_rms_norm_group_fp8_quant_native,
     group_scales_empty,
 )
-from .norm import fused_add_rms_norm_native, validate_fused_add_rms_norm
+from .norm import fused_add_rms_norm_native
 from .nvfp4 import nvfp4_empty, nvfp4_quant_native, validate_nvfp4_quant
 from .quant import FP8_DTYPE, fp8_empty_like, per_token_scales_empty
 
@@ -74,18 +78,23 @@ def all_reduce_native(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, "sum", group_name))
 
 
+def _sum(x: torch.Tensor, residual: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The all-reduced partial sums, rounded to ``residual``'s dtype (once, from fp32 partials)."""
+    return all_reduce_native(x, group_name).to(residual.dtype)
+
+
 def allreduce_fused_add_rms_norm_native(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: ``fused_add_rms_norm(all_reduce(x), residual, weight, eps)``."""
-    return fused_add_rms_norm_native(all_reduce_native(x, group_name), residual, weight, eps)
+    return fused_add_rms_norm_native(_sum(x, residual, group_name), residual, weight, eps)
 
 
 def allreduce_fused_add_rms_norm_static_fp8_quant_native(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float, group_name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: ``fused_add_rms_norm_static_fp8_quant(all_reduce(x), ...)`` -> ``(q, residual_out)``."""
-    return fused_add_rms_norm_static_fp8_quant_native(all_reduce_native(x, group_name), residual, weight, scale, eps)
+    return fused_add_rms_norm_static_fp8_quant_native(_sum(x, residual, group_name), residual, weight, scale, eps)
 
 
 def allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant_native(
@@ -98,7 +107,7 @@ def allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant_native(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference: ``fused_add_rms_norm_dynamic_per_token_fp8_quant(all_reduce(x), ...)`` -> ``(q, scales, residual_out)``."""
     return fused_add_rms_norm_dynamic_per_token_fp8_quant_native(
-        all_reduce_native(x, group_name), residual, weight, eps, scale_ub
+        _sum(x, residual, group_name), residual, weight, eps, scale_ub
     )
 
 
@@ -112,7 +121,7 @@ def allreduce_fused_add_rms_norm_nvfp4_quant_native(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference: ``nvfp4_quant(y)`` with ``(y, residual_out) = fused_add_rms_norm(all_reduce(x), ...)``
     -> ``(q, block_scales, residual_out)``."""
-    y, residual_out = fused_add_rms_norm_native(all_reduce_native(x, group_name), residual, weight, eps)
+    y, residual_out = fused_add_rms_norm_native(_sum(x, residual, group_name), residual, weight, eps)
     q, block_scales = nvfp4_quant_native(y, global_scale)
     return q, block_scales, residual_out
 
@@ -128,29 +137,48 @@ def allreduce_fused_add_rms_norm_group_fp8_quant_native(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference: ``fused_add_rms_norm_group_fp8_quant(all_reduce(x), ...)`` -> ``(q, scales, residual_out)``."""
     return fused_add_rms_norm_group_fp8_quant_native(
-        all_reduce_native(x, group_name), residual, weight, eps, group_size, column_major_scales
+        _sum(x, residual, group_name), residual, weight, eps, group_size, column_major_scales
     )
 
 
 # --------------------------------------------------------------------------- validators
 
 
+def validate_partials_and_residual(
+    op: str, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str
+) -> None:
+    """What every op checks: ``x`` has ``residual``'s shape and its dtype or fp32, the norm
+    weight fits ``residual``, ``eps``, and ``group_name`` is a non-empty str."""
+    V.check_activation(op, "residual", residual)
+    V.check_activation(op, "x", x)
+    if x.dtype not in (residual.dtype, torch.float32):
+        raise ValueError(
+            f"fxfuse.{op}: `x` (the partial sums) must have the dtype of `residual` ({residual.dtype}) "
+            f"or torch.float32, got {x.dtype}"
+        )
+    if x.shape != residual.shape:
+        raise ValueError(
+            f"fxfuse.{op}: `residual` must have shape {tuple(x.shape)} (the shape of `x`), got {tuple(residual.shape)}"
+        )
+    V.check_same_device(op, "residual", residual, "x", x)
+    V.check_norm_weight(op, weight, residual, x_name="residual")
+    V.check_eps(op, eps)
+    G.check_group_name(op, group_name)
+
+
 def validate_allreduce_fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str
 ) -> None:
-    op = "allreduce_fused_add_rms_norm"
-    validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
-    G.check_group_name(op, group_name)
+    validate_partials_and_residual("allreduce_fused_add_rms_norm", x, residual, weight, eps, group_name)
 
 
 def validate_allreduce_fused_add_rms_norm_static_fp8_quant(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float, group_name: str
 ) -> None:
     op = "allreduce_fused_add_rms_norm_static_fp8_quant"
-    validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
+    validate_partials_and_residual(op, x, residual, weight, eps, group_name)
     V.check_scalar_scale(op, "scale", scale, "x", x)
     V.check_scale_value(op, "scale", scale)
-    G.check_group_name(op, group_name)
 
 
 def validate_allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant(
@@ -162,10 +190,9 @@ def validate_allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant(
     scale_ub: Optional[torch.Tensor],
 ) -> None:
     op = "allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant"
-    validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
+    validate_partials_and_residual(op, x, residual, weight, eps, group_name)
     V.check_optional_scalar_scale(op, "scale_ub", scale_ub, "x", x)
     V.check_scale_value(op, "scale_ub", scale_ub)
-    G.check_group_name(op, group_name)
 
 
 def validate_allreduce_fused_add_rms_norm_nvfp4_quant(
@@ -177,9 +204,8 @@ def validate_allreduce_fused_add_rms_norm_nvfp4_quant(
     group_name: str,
 ) -> None:
     op = "allreduce_fused_add_rms_norm_nvfp4_quant"
-    validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
+    validate_partials_and_residual(op, x, residual, weight, eps, group_name)
     validate_nvfp4_quant(x, global_scale, op=op)
-    G.check_group_name(op, group_name)
 
 
 def validate_allreduce_fused_add_rms_norm_group_fp8_quant(
@@ -192,26 +218,29 @@ def validate_allreduce_fused_add_rms_norm_group_fp8_quant(
     column_major_scales: bool,
 ) -> None:
     op = "allreduce_fused_add_rms_norm_group_fp8_quant"
-    validate_fused_add_rms_norm(x, residual, weight, eps, op=op)
+    validate_partials_and_residual(op, x, residual, weight, eps, group_name)
     check_group_size(op, group_size, x.shape[-1], "the last dim of `x`")
     check_column_major_scales(op, column_major_scales)
-    G.check_group_name(op, group_name)
 
 
 # --------------------------------------------------------------------------- dispatch
 
 
-def _reduced(op: str, x: torch.Tensor, group_name: str, epilogue: Callable[[torch.Tensor], Any], **kernel_args: Any):
+def _reduced(
+    op: str, x: torch.Tensor, residual: torch.Tensor, group_name: str, epilogue: Callable[[torch.Tensor], Any],
+    **kernel_args: Any,
+):
     """Run ``op``: the symmetric-memory kernel with ``kernel_args`` where it applies, else
-    the functional all-reduce followed by ``epilogue`` (the existing ops)."""
+    the functional all-reduce, rounded to ``residual``'s dtype, followed by ``epilogue``
+    (the existing ops)."""
     group = G.resolve(op, group_name)
     G.check_same_across_ranks(op, group_name, group, x)
     from . import _symm_mem
 
-    out = _symm_mem.run_fused(x, group_name, group, **kernel_args)
+    out = _symm_mem.run_fused(x, group_name, group, residual=residual, **kernel_args)
     if out is not None:
         return out
-    return epilogue(all_reduce_native(x, group_name))
+    return epilogue(_sum(x, residual, group_name))
 
 
 # --------------------------------------------------------------------------- ops
@@ -228,9 +257,9 @@ def allreduce_fused_add_rms_norm(
     """
     validate_allreduce_fused_add_rms_norm(x, residual, weight, eps, group_name)
     return _reduced(
-        "allreduce_fused_add_rms_norm", x, group_name,
+        "allreduce_fused_add_rms_norm", x, residual, group_name,
         lambda s: fx.fused_add_rms_norm(s, residual, weight, eps),
-        residual=residual, weight=weight, eps=eps,
+        weight=weight, eps=eps,
     )
 
 
@@ -239,7 +268,7 @@ def _(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     validate_allreduce_fused_add_rms_norm(x, residual, weight, eps, group_name)
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+    return residual.new_empty(x.shape), residual.new_empty(x.shape)
 
 
 @torch.library.custom_op("fxfuse::allreduce_fused_add_rms_norm_static_fp8_quant", mutates_args=())
@@ -253,9 +282,9 @@ def allreduce_fused_add_rms_norm_static_fp8_quant(
     """
     validate_allreduce_fused_add_rms_norm_static_fp8_quant(x, residual, weight, scale, eps, group_name)
     return _reduced(
-        "allreduce_fused_add_rms_norm_static_fp8_quant", x, group_name,
+        "allreduce_fused_add_rms_norm_static_fp8_quant", x, residual, group_name,
         lambda s: fx.fused_add_rms_norm_static_fp8_quant(s, residual, weight, scale, eps),
-        residual=residual, weight=weight, eps=eps, scale=scale,
+        weight=weight, eps=eps, scale=scale,
     )
 
 
@@ -264,7 +293,7 @@ def _(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float, group_name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     validate_allreduce_fused_add_rms_norm_static_fp8_quant(x, residual, weight, scale, eps, group_name)
-    return fp8_empty_like(x), x.new_empty(x.shape)
+    return fp8_empty_like(x), residual.new_empty(x.shape)
 
 
 @torch.library.custom_op("fxfuse::allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant", mutates_args=())
@@ -284,9 +313,9 @@ def allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant(
     """
     validate_allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant(x, residual, weight, eps, group_name, scale_ub)
     return _reduced(
-        "allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant", x, group_name,
+        "allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant", x, residual, group_name,
         lambda s: fx.fused_add_rms_norm_dynamic_per_token_fp8_quant(s, residual, weight, eps, scale_ub),
-        residual=residual, weight=weight, eps=eps, dynamic=True, scale_ub=scale_ub,
+        weight=weight, eps=eps, dynamic=True, scale_ub=scale_ub,
     )
 
 
@@ -300,7 +329,7 @@ def _(
     scale_ub: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     validate_allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant(x, residual, weight, eps, group_name, scale_ub)
-    return fp8_empty_like(x), per_token_scales_empty(x), x.new_empty(x.shape)
+    return fp8_empty_like(x), per_token_scales_empty(x), residual.new_empty(x.shape)
 
 
 @torch.library.custom_op("fxfuse::allreduce_fused_add_rms_norm_nvfp4_quant", mutates_args=())
@@ -326,8 +355,8 @@ def allreduce_fused_add_rms_norm_nvfp4_quant(
         return q, block_scales, residual_out
 
     return _reduced(
-        "allreduce_fused_add_rms_norm_nvfp4_quant", x, group_name, epilogue,
-        residual=residual, weight=weight, eps=eps, global_scale=global_scale,
+        "allreduce_fused_add_rms_norm_nvfp4_quant", x, residual, group_name, epilogue,
+        weight=weight, eps=eps, global_scale=global_scale,
     )
 
 
@@ -342,7 +371,7 @@ def _(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     validate_allreduce_fused_add_rms_norm_nvfp4_quant(x, residual, weight, global_scale, eps, group_name)
     q, block_scales = nvfp4_empty(x, x.shape[-1])
-    return q, block_scales, x.new_empty(x.shape)
+    return q, block_scales, residual.new_empty(x.shape)
 
 
 @torch.library.custom_op("fxfuse::allreduce_fused_add_rms_norm_group_fp8_quant", mutates_args=())
@@ -365,9 +394,9 @@ def allreduce_fused_add_rms_norm_group_fp8_quant(
         x, residual, weight, eps, group_size, group_name, column_major_scales
     )
     return _reduced(
-        "allreduce_fused_add_rms_norm_group_fp8_quant", x, group_name,
+        "allreduce_fused_add_rms_norm_group_fp8_quant", x, residual, group_name,
         lambda s: fx.fused_add_rms_norm_group_fp8_quant(s, residual, weight, eps, group_size, column_major_scales),
-        residual=residual, weight=weight, eps=eps, group_size=group_size, column_major_scales=column_major_scales,
+        weight=weight, eps=eps, group_size=group_size, column_major_scales=column_major_scales,
     )
 
 
@@ -385,4 +414,4 @@ def _(
         x, residual, weight, eps, group_size, group_name, column_major_scales
     )
     q = x.new_empty(x.shape, dtype=FP8_DTYPE)
-    return q, group_scales_empty(x, x.shape[-1], group_size, column_major_scales), x.new_empty(x.shape)
+    return q, group_scales_empty(x, x.shape[-1], group_size, column_major_scales), residual.new_empty(x.shape)
