@@ -7,6 +7,7 @@ from typing import Callable
 
 from ..fusion_pass import FusionPass
 from .act_quant import act_quant_fusion
+from .allreduce_rms import allreduce_rms_fusion
 from .attn_quant import attn_quant_fusion
 from .native_lowering import native_lowering
 from .noop_elimination import NoopElimination
@@ -22,6 +23,7 @@ class FusionConfig:
     """
 
     noop_elimination: bool = True
+    allreduce_rms: bool = True
     rms_quant: bool = True
     act_quant: bool = True
     attn_quant: bool = True
@@ -29,10 +31,13 @@ class FusionConfig:
 
 
 # Pipeline order matters: noop elimination exposes producer/consumer pairs to the
-# fusions; native lowering comes last, so it sees the fused ops the fusions made.
-# allreduce_rms_fusion will slot in before it.
+# fusions; allreduce_rms_fusion runs before rms_quant_fusion, because its chains
+# (all-reduce, fused_add_rms_norm, quant) contain that pass's (fused_add_rms_norm, quant),
+# which would otherwise be fused first and leave the all-reduce on its own; native
+# lowering comes last, so it sees the fused ops the fusions made.
 _PIPELINE: tuple[tuple[str, Callable[[], FusionPass]], ...] = (
     ("noop_elimination", NoopElimination),
+    ("allreduce_rms", allreduce_rms_fusion),
     ("rms_quant", rms_quant_fusion),
     ("act_quant", act_quant_fusion),
     ("attn_quant", attn_quant_fusion),
@@ -45,7 +50,7 @@ def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
 
     Example:
         >>> [p.name for p in fxfuse.default_passes()]
-        ['noop_elimination', 'rms_quant_fusion', 'act_quant_fusion', 'attn_quant_fusion', 'native_lowering']
+        ['noop_elimination', 'allreduce_rms_fusion', 'rms_quant_fusion', 'act_quant_fusion', 'attn_quant_fusion', 'native_lowering']
     """
     config = config or FusionConfig()
     if not isinstance(config, FusionConfig):
@@ -53,4 +58,7 @@ def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
     return [build() for flag, build in _PIPELINE if getattr(config, flag)]
 
 
-__all__ = ["FusionConfig", "default_passes", "NoopElimination", "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion", "native_lowering"]
+__all__ = [
+    "FusionConfig", "default_passes", "NoopElimination", "allreduce_rms_fusion", "rms_quant_fusion", "act_quant_fusion",
+    "attn_quant_fusion", "native_lowering",
+]
