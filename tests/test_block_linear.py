@@ -199,14 +199,21 @@ KERNEL_CASES = [((5,), 200, 256, 128, True), ((1,), 64, 64, 64, False), ((17,), 
                 ((33,), 1000, 576, 64, True)]
 
 
-def _assert_close_to_native(out, ref):
-    """Another summation order than the fp32 reference: a few fp32 ulps, at most one step
-    of a 16-bit output dtype."""
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    else:
-        step = torch.finfo(out.dtype).eps * ref.float().abs().clamp_min(torch.finfo(out.dtype).tiny)
-        assert bool(((out.float() - ref.float()).abs() <= step).all())
+def _magnitude(x_q, x_s, w_q, w_s):
+    """``|x| @ |w|`` of the dequantized operands: the scale of the accumulation's error."""
+    abs8 = lambda t: (t.view(torch.uint8) & 0x7F).view(t.dtype)  # noqa: E731 - clear the sign bit
+    return block_fp8_linear_native(abs8(x_q), x_s, abs8(w_q), w_s, None, torch.float32)
+
+
+def _assert_close_to_native(out, ref, magnitude):
+    """Another summation order than the fp32 reference. Hopper's FP8 tensor cores keep
+    fewer accumulator bits than fp32 (DeepSeek-V3 measured ~14), so an element's error is
+    bounded by the magnitude of its terms, ``|x| @ |w|``, not by its own value (which
+    cancellation can make tiny); plus one rounding step of the output dtype."""
+    step = torch.finfo(out.dtype).eps * ref.float().abs() if out.dtype != torch.float32 else 0
+    diff = (out.float() - ref.float()).abs()
+    bound = 2**-10 * magnitude + step
+    assert bool((diff <= bound).all()), f"max diff {diff.max().item()}, at bound {bound.flatten()[diff.argmax()].item()}"
 
 
 @pytest.mark.parametrize("lead, n, k, group_size, column_major", KERNEL_CASES)
@@ -219,7 +226,8 @@ def test_triton_kernel_matches_native(lead, n, k, group_size, column_major, out_
     bias = _rand(n, seed=9, dtype=out_dtype).to(DEVICE) if with_bias else None
     out = block_fp8_matmul(x_q, x_s, w_q, w_s, bias, out_dtype)
     assert out.shape == (*lead, n) and out.dtype == out_dtype
-    _assert_close_to_native(out, block_fp8_linear_native(x_q, x_s, w_q, w_s, bias, out_dtype))
+    ref = block_fp8_linear_native(x_q, x_s, w_q, w_s, bias, out_dtype)
+    _assert_close_to_native(out, ref, _magnitude(x_q, x_s, w_q, w_s))
 
 
 @pytest.mark.gpu

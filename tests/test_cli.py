@@ -104,7 +104,10 @@ def test_patterns_prints_every_rewrite_and_timing(capsys):
     printed = capsys.readouterr().out
     # A pass with no rewrites says why, not what a FusionPass is in general.
     native = printed.split("# pass native_lowering\n")[1].splitlines()[0]
-    assert "no rewrites in this process" in native and "cpu" in native
+    if torch.cuda.is_available():  # the shipped table lowers some ops on the H100
+        assert native.startswith("# ") and "_to_native [functional]" in native
+    else:
+        assert "no rewrites in this process" in native and "cpu" in native
     assert "A named set of rewrites" not in printed
     for name in ("RmsNormStaticFp8Quant", "FusedAddRmsNormDynamicFp8QuantUb", "SiluMulStaticFp8Quant"):
         assert f"# {name} [functional]" in printed
@@ -140,7 +143,10 @@ def test_explain_reports_each_fusion_site(capsys):
     rewrites = [r.name for p in fxfuse.default_passes() for r in p.rewrites]
     headers = [line.split(":")[0][3:].split("/")[1] for line in lines if line.startswith("== ")]
     assert headers == rewrites
-    assert sum("= CallFunction(fxfuse.silu_and_mul.default" in line for line in lines) == 3  # 3 rewrites start there
+    starts = [t for p in fxfuse.default_passes() for t in p.traced
+              if t.variants[0].anchor.target is torch.ops.fxfuse.silu_and_mul.default]
+    assert len(starts) >= 3  # SiLU-and-mul + static FP8, NVFP4, group FP8 (+ a lowering on GPUs)
+    assert sum("= CallFunction(fxfuse.silu_and_mul.default" in line for line in lines) == len(starts)
     # The final norm feeds the unquantized LM head: a near miss, with where its value goes instead.
     assert any(line.startswith("rms_quant_fusion/FusedAddRmsNormStaticFp8Quant") and ": no: " in line
                and "aten.mm" in line for line in lines)
