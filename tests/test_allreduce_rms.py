@@ -39,6 +39,9 @@ def _chains(g, dt):
     def norm(x, r, w, s):
         return fx.fused_add_rms_norm(_reduced(x, g, dt), r, w, EPS)
 
+    def unused_residual(x, r, w, s):
+        return norm(x, r, w, s)[0]
+
     def static(x, r, w, s):
         y, r_out = norm(x, r, w, s)
         return fx.static_scaled_fp8_quant(y, s), r_out
@@ -59,7 +62,7 @@ def _chains(g, dt):
         y, r_out = norm(x, r, w, s)
         return (*fx.group_fp8_quant(y, 64, True), r_out)
 
-    return list(zip(REWRITES, [norm, static, dynamic, dynamic_ub, nvfp4, group_quant]))
+    return list(zip(REWRITES, [norm, unused_residual, static, dynamic, dynamic_ub, nvfp4, group_quant], strict=True))
 
 
 def _inputs(tokens, hidden, dt, fp32_partials, seed=0):
@@ -112,7 +115,7 @@ def test_one_rewrite_per_chain_whatever_the_number_of_layers(group, fusion):
     assert fxfuse.match_table() == {
         "allreduce_rms_fusion": {"AllReduceFusedAddRmsNormStaticFp8Quant(cast_to=torch.bfloat16)": 4}
     }
-    # Six chains, each with partial sums in the model dtype or fp32 for each of CAST_DTYPES.
+    # Seven chains, each with partial sums in the model dtype or fp32 for each of CAST_DTYPES.
     assert len(fusion.rewrites) == len(REWRITES) * (1 + len(CAST_DTYPES))
 
 

@@ -11,11 +11,12 @@ model (``fxfuse demo --tp N``) and for tests.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pickle
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .match_table import match_table
 
@@ -67,7 +68,14 @@ def gather_match_table(group: Any = None) -> dict[str, dict[str, int]]:
     return merge_tables(tables)
 
 
-def spawn(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *, device: str = "cpu") -> Any:
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    device: str = "cpu",
+    timeout: Optional[datetime.timedelta] = None,
+) -> Any:
     """Run ``fn(*args)`` in ``world_size`` new processes, one rank each of a new default
     process group (gloo on the CPU, NCCL on CUDA with one GPU per rank); returns rank 0's
     return value.
@@ -76,7 +84,8 @@ def spawn(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *, 
     are started with ``spawn``), and so must rank 0's result. On the CPU each rank gets an
     equal share of the cores as its intra-op threads. A rank that raises makes this raise
     (``torch.multiprocessing.ProcessRaisedException``, with the rank's traceback), after
-    the other ranks are stopped.
+    the other ranks are stopped. ``timeout`` bounds every collective (the backend's
+    default otherwise), so ranks that wait for each other forever fail instead.
 
     Example:
         >>> def world_size():
@@ -95,12 +104,15 @@ def spawn(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *, 
         raise ValueError(f"fxfuse.distributed.spawn: {world_size} ranks on CUDA need {world_size} GPUs, "
                          f"{torch.cuda.device_count()} visible")
     with tempfile.TemporaryDirectory(prefix="fxfuse-spawn-") as tmp:
-        mp.spawn(_rank_main, args=(world_size, device, tmp, fn, tuple(args)), nprocs=world_size, join=True)
+        mp.spawn(_rank_main, args=(world_size, device, timeout, tmp, fn, tuple(args)), nprocs=world_size, join=True)
         with open(os.path.join(tmp, "result.pkl"), "rb") as f:
             return pickle.load(f)
 
 
-def _rank_main(rank: int, world_size: int, device: str, tmp: str, fn: Callable[..., Any], args: tuple) -> None:
+def _rank_main(
+    rank: int, world_size: int, device: str, timeout: Optional[datetime.timedelta], tmp: str,
+    fn: Callable[..., Any], args: tuple,
+) -> None:
     import torch
     import torch.distributed as dist
 
@@ -109,8 +121,9 @@ def _rank_main(rank: int, world_size: int, device: str, tmp: str, fn: Callable[.
     else:  # ranks share the cores rather than each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     backend = "nccl" if device == "cuda" else "gloo"
+    extra = {"timeout": timeout} if timeout is not None else {}
     dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, **extra)
     try:
         result = fn(*args)
         if rank == 0:

@@ -96,6 +96,24 @@ class AllReduceFusedAddRmsNorm(_AllReduceRmsNorm):
         return [self.partials(), activation(dt), weight(dt), 1e-6, "tp"]
 
 
+class AllReduceFusedAddRmsNormUnusedResidual(_AllReduceRmsNorm):
+    """fused_add_rms_norm(all_reduce(x), r)[0], the new residual unread  ->  allreduce_fused_add_rms_norm(...)[0]
+
+    A model's final norm: its residual output has no user, so the graph holds only the
+    normalized output, which `AllReduceFusedAddRmsNorm`'s two-output pattern does not match.
+    """
+
+    def pattern(self, x, r, w, eps, group_name):
+        return fx.fused_add_rms_norm(self.reduced(x, group_name), r, w, eps)[0]
+
+    def replacement(self, x, r, w, eps, group_name):
+        return fx.allreduce_fused_add_rms_norm(x, r, w, eps, group_name)[0]
+
+    def example_inputs(self):
+        dt = self.model_dtype()
+        return [self.partials(), activation(dt), weight(dt), 1e-6, "tp"]
+
+
 class AllReduceFusedAddRmsNormStaticFp8Quant(_AllReduceRmsNorm):
     """fp8(fused_add_rms_norm(all_reduce(x), r) / s)  ->  allreduce_fused_add_rms_norm_static_fp8_quant"""
 
@@ -189,6 +207,7 @@ class AllReduceFusedAddRmsNormGroupFp8Quant(_AllReduceRmsNorm):
 
 REWRITES = (
     AllReduceFusedAddRmsNorm,
+    AllReduceFusedAddRmsNormUnusedResidual,
     AllReduceFusedAddRmsNormStaticFp8Quant,
     AllReduceFusedAddRmsNormDynamicFp8Quant,
     AllReduceFusedAddRmsNormDynamicFp8QuantUb,
