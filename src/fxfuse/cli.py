@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
+import io
 import json
 import sys
 import textwrap
@@ -17,11 +20,18 @@ import fxfuse
 from . import compat
 
 
-def _model(args: argparse.Namespace):
-    from .models import LlamaForCausalLM, ModelConfig, random_prompts
+def _config(args: argparse.Namespace, tp_size: int | None = None):
+    from .models import ModelConfig
 
     overrides = {"num_layers": args.layers} if args.layers is not None else {}
-    cfg = ModelConfig.preset(args.preset, quant=args.quant, **overrides)
+    tp_size = getattr(args, "tp", 1) if tp_size is None else tp_size
+    return ModelConfig.preset(args.preset, quant=args.quant, tp_size=tp_size, **overrides)
+
+
+def _model(args: argparse.Namespace, tp_size: int | None = None):
+    from .models import LlamaForCausalLM, random_prompts
+
+    cfg = _config(args, tp_size)
     model = LlamaForCausalLM(cfg, device=args.device, attention_backend=args.attention_backend)
     # Ragged on purpose: one batch mixes sequences of different lengths.
     lengths = [max(1, args.prompt_len - 3 * i) for i in range(args.batch)]
@@ -41,6 +51,10 @@ def expected_matches(model: Any) -> dict[str, int]:
     act-quant fusions for ``n`` layers, and one attention-quant fusion per layer whose
     attention backend declares it can write the model's output quant scheme itself.
 
+    Under tensor parallelism (``tp_size > 1``; counts per rank) each of the ``2n``
+    all-reduces feeds a residual norm and ``allreduce_rms_fusion`` fuses all of them, with
+    the norm-quant chains they carry: ``rms_quant_fusion`` keeps layer 0's input norm only.
+
     Example:
         >>> expected_matches(LlamaForCausalLM(ModelConfig.preset("tiny"), attention_backend="native-noquant"))
         {'rms_quant_fusion': 4, 'act_quant_fusion': 2, 'attn_quant_fusion': 0}
@@ -55,7 +69,10 @@ def expected_matches(model: Any) -> dict[str, int]:
     attn = 0 if scheme is None else sum(
         get_layer(name).backend.supports_output_quant(scheme) for name in model.attention_layer_names
     )
-    return {"rms_quant_fusion": 2 * cfg.num_layers, "act_quant_fusion": cfg.num_layers, "attn_quant_fusion": attn}
+    want = {"rms_quant_fusion": 2 * cfg.num_layers, "act_quant_fusion": cfg.num_layers, "attn_quant_fusion": attn}
+    if getattr(cfg, "tp_size", 1) > 1:
+        want = {"allreduce_rms_fusion": 2 * cfg.num_layers, **want, "rms_quant_fusion": 1}
+    return want
 
 
 def expected_misses(model: Any, passes: Sequence[fxfuse.FusionPass]) -> dict[str, dict[str, int]]:
@@ -63,7 +80,9 @@ def expected_misses(model: Any, passes: Sequence[fxfuse.FusionPass]) -> dict[str
     pass and rewrite, for one compiled graph:
 
     - the final norm: a ``fused_add_rms_norm`` whose output feeds the unquantized LM
-      head; one miss of every ``rms_quant_fusion`` rewrite whose chain starts there;
+      head; one miss of every ``rms_quant_fusion`` rewrite whose chain starts there
+      (not under tensor parallelism: ``allreduce_rms_fusion`` fuses it with the all-reduce
+      before it, and no all-reduce is left unfused, so that pass has no misses either);
     - attention on a layer whose backend does not write the model's output quant scheme
       itself (``native-noquant``; or ``fp8-block``, whose per-group quant no backend
       writes): one miss of each ``attn_quant_fusion`` rewrite per such layer.
@@ -76,13 +95,15 @@ def expected_misses(model: Any, passes: Sequence[fxfuse.FusionPass]) -> dict[str
     """
     fused_attention = expected_matches(model)["attn_quant_fusion"]
     unfused_attention = model.config.num_layers - fused_attention
+    final_norm_fused = getattr(model.config, "tp_size", 1) > 1
     starts_at = lambda t, op: t.variants[0].anchor.target is op  # noqa: E731
     table: dict[str, dict[str, int]] = {}
     for p in passes:
         for t in p.traced:
             if not t.rewrite.report_misses:
                 continue
-            if p.name == "rms_quant_fusion" and starts_at(t, torch.ops.fxfuse.fused_add_rms_norm.default):
+            if (p.name == "rms_quant_fusion" and starts_at(t, torch.ops.fxfuse.fused_add_rms_norm.default)
+                    and not final_norm_fused):
                 table.setdefault(p.name, {})[t.name] = 1
             elif p.name == "attn_quant_fusion" and unfused_attention:
                 table.setdefault(p.name, {})[t.name] = unfused_attention
@@ -102,12 +123,51 @@ def demo(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fxfuse demo: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.tp > 1:
+        return _demo_tensor_parallel(args)
+    return _demo(args)
+
+
+def _demo_tensor_parallel(args: argparse.Namespace) -> int:
+    """``--tp N``: the same model at ``tp_size=1`` runs here first (eagerly: the reference
+    tokens and logits), then N processes run the demo, one rank each, and rank 0 reports."""
+    from .models import run
+
+    if args.device == "cuda" and torch.cuda.device_count() < args.tp:
+        print(f"fxfuse demo: --tp {args.tp} on cuda needs {args.tp} GPUs, {torch.cuda.device_count()} visible",
+              file=sys.stderr)
+        return 2
+    try:
+        _config(args)  # a model that does not split into tp ranks fails here, once, not in every rank
+    except ValueError as e:
+        print(f"fxfuse demo: --tp {args.tp}: {e}", file=sys.stderr)
+        return 2
+    _, model, prompts = _model(args, tp_size=1)
+    try:
+        reference = run(model, None, prompts, args.new_tokens)
+    finally:
+        model.close()
+    tp1 = (reference.tokens.cpu(), reference.logits.cpu())
+    return fxfuse.distributed.spawn(_demo, args.tp, (args, tp1), device=args.device)
+
+
+def _demo(args: argparse.Namespace, tp1: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+    """The demo in this process: all of it at ``--tp 1``; at ``--tp N`` this rank's part,
+    with ``tp1`` the reference ``(tokens, prefill logits)`` of the model at ``tp_size=1``.
+    Only rank 0 prints; the match and miss tables are summed over the ranks."""
+    rank = torch.distributed.get_rank() if args.tp > 1 else 0
+    with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
+        return _demo_report(args, tp1, rank)
+
+
+def _demo_report(args: argparse.Namespace, tp1: tuple[torch.Tensor, torch.Tensor] | None, rank: int) -> int:
     cfg, model, prompts = _model(args)
     t0 = time.perf_counter()
     manager = fxfuse.PassManager(fxfuse.default_passes())
     register_s = time.perf_counter() - t0
 
-    print(f"fxfuse demo: {args.preset} Llama, {cfg.num_layers} layers, {args.quant}, {args.device}, "
+    tp = f", tensor parallel over {args.tp} ranks (counts: all ranks)" if args.tp > 1 else ""
+    print(f"fxfuse demo: {args.preset} Llama, {cfg.num_layers} layers, {args.quant}, {args.device}{tp}, "
           f"attention backend {args.attention_backend}, torch {torch.__version__}; "
           f"prompts of {[len(p) for p in prompts]} tokens, {args.new_tokens} new each")
     print(f"\npipeline (registered in {register_s * 1e3:.0f} ms):")
@@ -118,17 +178,27 @@ def demo(args: argparse.Namespace) -> int:
         warm_up_s = _warm_up(args, manager)
         unfused, fused, table, misses = _run_variants(model, manager, prompts, args.new_tokens)
     want = expected_matches(model)
+    want_misses = expected_misses(model, manager.passes)
+    if args.tp > 1:  # every rank's tables, summed (the expected counts are per rank)
+        table, misses = fxfuse.distributed.gather_match_table(), fxfuse.distributed.gather_tables(misses)
+        want = {name: args.tp * n for name, n in want.items()}
+        want_misses = {p: {r: args.tp * n for r, n in rows.items()} for p, rows in want_misses.items()}
     got = {name: sum(table.get(name, {}).values()) for name in want}
     _print_matches(table, want, got)
-    want_misses = expected_misses(model, manager.passes)
     _print_misses(misses, want_misses)
     diff = (fused.logits.float() - unfused.logits.float()).abs().max().item()
     same_tokens = torch.equal(fused.tokens, unfused.tokens)
     print(f"\nmax |fused - unfused| of prefill logits: {diff:.3g}")
     print(f"greedy tokens identical: {'yes' if same_tokens else 'NO'}")
+    tp1_equal, tp1_diff = True, None
+    if tp1 is not None:
+        tp1_equal = torch.equal(fused.tokens.cpu(), tp1[0].cpu())
+        tp1_diff = (fused.logits.float().cpu() - tp1[1].float()).abs().max().item()
+        print(f"max |fused at tp {args.tp} - eager at tp 1| of prefill logits: {tp1_diff:.3g}")
+        print(f"greedy tokens identical to tp 1: {'yes' if tp1_equal else 'NO'}")
     _print_timings(unfused, fused, warm_up_s)
 
-    if args.json:
+    if args.json and rank == 0:
         _write_json(args.json, {
             "match_table": table,
             "expected_matches": want,
@@ -138,6 +208,9 @@ def demo(args: argparse.Namespace) -> int:
             "tokens_fused": fused.tokens.tolist(),
             "tokens_unfused": unfused.tokens.tolist(),
             "tokens_equal": same_tokens,
+            "tp": args.tp,
+            **({"tokens_tp1": tp1[0].tolist(), "tokens_equal_tp1": tp1_equal, "max_abs_diff_tp1": tp1_diff}
+               if tp1 is not None else {}),
             "layers": cfg.num_layers,
             "device": args.device,
             "quant": args.quant,
@@ -149,8 +222,8 @@ def demo(args: argparse.Namespace) -> int:
             "run_s": {"fused": fused.run_s, "unfused": unfused.run_s},
             "timing_note": TIMING_NOTE,
         })
-    ok = same_tokens and got == want and misses == want_misses
-    if not ok:
+    ok = same_tokens and tp1_equal and got == want and misses == want_misses
+    if not ok and rank == 0:
         print("\nfxfuse demo: FAILED (see MISMATCH/NO above)", file=sys.stderr)
     return 0 if ok else 1
 
@@ -173,7 +246,10 @@ def _warm_up(args: argparse.Namespace, manager: fxfuse.PassManager) -> float:
     from .models import LlamaForCausalLM, ModelConfig, random_prompts, run
 
     t0 = time.perf_counter()
-    cfg = ModelConfig.preset("tiny", quant=args.quant, num_layers=1)
+    try:
+        cfg = ModelConfig.preset("tiny", quant=args.quant, num_layers=1, tp_size=args.tp)
+    except ValueError:  # the tiny model does not split into that many ranks: the run's model, 1 layer
+        cfg = dataclasses.replace(_config(args), num_layers=1)
     model = LlamaForCausalLM(cfg, device=args.device, attention_backend=args.attention_backend)
     try:
         prompts = random_prompts(cfg, lengths=[3, 2], seed=args.seed + 1)
@@ -201,20 +277,23 @@ def _run_variants(model: Any, manager: fxfuse.PassManager, prompts: Any, new_tok
 
 def _print_matches(table: dict[str, dict[str, int]], want: dict[str, int], got: dict[str, int]) -> None:
     print("\nmatches:")
+    width = max([34, *(len(r) for rows in table.values() for r in rows)])
     for pass_name, rewrites in sorted(table.items()):
         for rewrite, n in sorted(rewrites.items()):
-            print(f"  {pass_name:<18} {rewrite:<34} {n:>4}")
+            print(f"  {pass_name:<20} {rewrite:<{width}} {n:>4}")
     for name, n in want.items():
         verdict = "ok" if got[name] == n else "MISMATCH"
-        print(f"  {name:<18} {'total (expected ' + str(n) + ')':<34} {got[name]:>4}  {verdict}")
+        print(f"  {name:<20} {'total (expected ' + str(n) + ')':<{width}} {got[name]:>4}  {verdict}")
 
 
 def _print_misses(misses: dict[str, dict[str, int]], want: dict[str, dict[str, int]]) -> None:
     print("\nnear misses (sites where a chain starts but was not fused; `fxfuse explain` says why):")
+    width = max([34, *(len(r) for table in (misses, want) for rows in table.values() for r in rows)])
     for pass_name in sorted(set(misses) | set(want)):
         for rewrite in sorted(set(misses.get(pass_name, {})) | set(want.get(pass_name, {}))):
             n, w = misses.get(pass_name, {}).get(rewrite, 0), want.get(pass_name, {}).get(rewrite, 0)
-            print(f"  {pass_name:<18} {rewrite:<34} {n:>4}  {'expected' if n == w else f'MISMATCH (expected {w})'}")
+            verdict = "expected" if n == w else f"MISMATCH (expected {w})"
+            print(f"  {pass_name:<20} {rewrite:<{width}} {n:>4}  {verdict}")
     if not misses and not want:
         print("  none")
 
@@ -307,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(d)
     d.add_argument("--new-tokens", type=int, default=8)
     d.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    d.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: N processes (gloo on cpu, NCCL on cuda, one GPU each); rank 0 reports")
     d.set_defaults(fn=demo)
     pt = sub.add_parser("patterns", help="print the registered patterns as readable Python")
     pt.add_argument("--timing", action="store_true", help="also time the registration of each pass")
@@ -340,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         args.attention_backend = "triton" if args.device == "cuda" else "native"
     if getattr(args, "layers", None) is not None and args.layers < 1:
         build_parser().error("--layers must be at least 1")
+    if getattr(args, "tp", 1) < 1:
+        build_parser().error("--tp must be at least 1")
     return args.fn(args)
 
 

@@ -48,14 +48,25 @@ def gather_match_table(group: Any = None) -> dict[str, dict[str, int]]:
         >>> fxfuse.distributed.gather_match_table()
         {'rms_quant_fusion': {'FusedAddRmsNormStaticFp8Quant': 14, ...}}
     """
+    return gather_tables(match_table(), group)
+
+
+def gather_tables(table: dict[str, dict[str, int]], group: Any = None) -> dict[str, dict[str, int]]:
+    """Every rank's ``table`` (pass -> rewrite -> count, e.g. `fxfuse.miss_table()`), summed,
+    on every rank of ``group``. A collective.
+
+    Example:
+        >>> fxfuse.distributed.gather_tables(fxfuse.miss_table())
+        {}
+    """
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("fxfuse.distributed.gather_match_table: torch.distributed is not initialized; call init_process_group first")
+        raise RuntimeError("fxfuse.distributed: torch.distributed is not initialized; call init_process_group first")
     # JSON bytes in a uint8 tensor rather than all_gather_object, which needs NumPy.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    payload = torch.tensor(list(json.dumps(match_table()).encode()), dtype=torch.uint8, device=device)
+    payload = torch.tensor(list(json.dumps(table).encode()), dtype=torch.uint8, device=device)
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device), group=group)
