@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable
 
 import torch
@@ -42,6 +43,13 @@ def run(names: list[str], out_dir: str) -> None:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+
+
+def raise_on_rank_1() -> None:
+    """For test_distributed: rank 1 fails while rank 0 would wait for a minute."""
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 refuses")
+    time.sleep(60)
 
 
 def _gen(seed: int) -> torch.Generator:
