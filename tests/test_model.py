@@ -678,3 +678,81 @@ def test_fp8_block_bound_catches_wrong_scale(prompts):
         assert _rel_err(_logits(model, prompts), ref) > FP8_BLOCK_REL_TOL
     finally:
         model.close()
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+# (over real process groups: tests/test_tp.py; here what one process can check)
+
+
+def test_tp_config_splits_heads_kv_cache_and_mlp():
+    c = ModelConfig.preset("tiny", tp_size=2)
+    assert (c.local_num_heads, c.local_num_kv_heads, c.local_q_size, c.local_kv_size, c.local_intermediate_size) == (
+        2, 1, 32, 16, 64)
+    one = ModelConfig.preset("tiny")
+    assert (one.local_num_heads, one.local_q_size, one.local_intermediate_size) == (4, 64, 128)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"tp_size": 0}, r"ModelConfig\.tp_size must be positive"),
+        ({"tp_size": 3}, r"ModelConfig\.num_heads \(4\) must be a multiple of tp_size \(3\)"),
+        ({"tp_size": 4}, r"ModelConfig\.num_kv_heads \(2\) must be a multiple of tp_size \(4\)"),
+        ({"tp_size": 2, "intermediate_size": 129}, r"ModelConfig\.intermediate_size \(129\) must be a multiple of tp_size"),
+        ({"tp_size": 2, "quant": "nvfp4", "intermediate_size": 48},
+         r"intermediate_size / tp_size \(24\) must be a multiple of 16 for quant='nvfp4' at tp_size=2"),
+        ({"tp_size": 2, "quant": "fp8-block"}, r"q_size / tp_size \(32\) must be a multiple of 128"),
+    ],
+)
+def test_tp_config_rejects_splits_that_do_not_fit(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.preset("tiny", **overrides)
+
+
+def test_shard_takes_this_ranks_part_of_every_segment():
+    from fxfuse.models.parallel import Shard, TensorParallel
+
+    w = torch.arange(12.0).reshape(6, 2)
+    # Three segments of two rows (as q, k, v): rank 1 of 2 holds the second row of each.
+    assert Shard(0, (2, 2, 2), 1, 2).take(w)[:, 0].tolist() == [2.0, 6.0, 10.0]
+    assert Shard(1, (2,), 0, 2).take(w).tolist() == [[0.0], [2.0], [4.0], [6.0], [8.0], [10.0]]
+    with pytest.raises(ValueError, match="segments \\[4\\] add up to 4"):
+        Shard(0, (4,), 0, 2).take(w)
+    tp = TensorParallel(2, 1, "0")
+    assert tp.column((2, 2, 2)) == Shard(0, (2, 2, 2), 1, 2) and tp.row(2) == Shard(1, (2,), 1, 2)
+    single = TensorParallel()
+    assert single.column((2, 2, 2)) is None and single.partial_sum_dtype(torch.bfloat16) is torch.bfloat16
+    x = torch.randn(3)
+    assert single.reduce_partial_sums(x, torch.bfloat16) is x
+
+
+def test_sharded_linears_hold_the_slice_of_the_full_quantized_weight():
+    from fxfuse.models import BlockFp8Linear, Fp8Linear
+    from fxfuse.models.parallel import Shard
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 256, generator=gen).to(torch.bfloat16)
+    w[0, 0] = 40.0  # the largest value sits in rank 0's slice: rank 1's scale must still come from it
+    rows, cols = Shard(0, (128, 64, 64), 1, 2), Shard(1, (256,), 1, 2)
+    full = Fp8Linear(w, torch.bfloat16)
+    part = Fp8Linear(w, torch.bfloat16, shard=rows)
+    assert torch.equal(part.weight_scale, full.weight_scale)
+    assert torch.equal(part.weight_q.view(torch.uint8), rows.take(full.weight_q.view(torch.uint8)))
+    full4, part4 = Nvfp4Linear(w, torch.bfloat16), Nvfp4Linear(w, torch.bfloat16, shard=cols)
+    assert torch.equal(part4.weight_global_scale, full4.weight_global_scale)
+    assert torch.equal(part4.dequantized_weight(), cols.take(full4.dequantized_weight()))
+    fullb, partb = BlockFp8Linear(w, torch.bfloat16, 128), BlockFp8Linear(w, torch.bfloat16, 128, shard=cols)
+    assert torch.equal(partb.dequantized_weight(), cols.take(fullb.dequantized_weight()))
+
+
+def test_tp_model_needs_a_process_group_of_its_size():
+    import torch.distributed as dist
+
+    with pytest.raises(RuntimeError, match="call init_process_group first"):
+        LlamaForCausalLM(ModelConfig.preset("tiny", tp_size=2))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="tp_size is 2 but the process group '0' has 1 ranks"):
+            LlamaForCausalLM(ModelConfig.preset("tiny", tp_size=2))
+    finally:
+        dist.destroy_process_group()
