@@ -12,8 +12,8 @@ two-shot kernels stop beating NCCL's ring on 8 NVLink GPUs, not yet measured wit
 these kernels (``docs/distributed.md``, "Limits"). Override them with
 ``FXFUSE_ALLREDUCE_ONE_SHOT_MAX_BYTES`` / ``FXFUSE_ALLREDUCE_TWO_SHOT_MAX_BYTES``.
 
-Each (group, device) gets one symmetric buffer of ``2 * TWO_SHOT_MAX_BYTES`` (input
-region, then the two-shot gather region), allocated and exchanged with the peers
+Each (group, device) gets one symmetric buffer of two `REGION_BYTES` regions (input,
+then the two-shot gather region), allocated and exchanged with the peers
 (a collective) at the group's first call: every rank makes that call at the same point,
 as it must for the all-reduce itself. Not during CUDA graph capture: run the op once
 before capturing (a warm-up does).
@@ -34,6 +34,9 @@ from ._dispatch import use_kernels
 
 ONE_SHOT_MAX_BYTES = int(os.environ.get("FXFUSE_ALLREDUCE_ONE_SHOT_MAX_BYTES", 128 * 1024))
 TWO_SHOT_MAX_BYTES = int(os.environ.get("FXFUSE_ALLREDUCE_TWO_SHOT_MAX_BYTES", 2 * 1024 * 1024))
+#: Bytes of each region of a workspace (fixed when the process starts, so that changing
+#: the limits above later never outgrows a buffer the peers have already mapped).
+REGION_BYTES = TWO_SHOT_MAX_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,7 @@ def workspace(group_name: str, device: torch.device) -> Optional[Workspace]:
 def _make_workspace(group_name: str, device: torch.device) -> Optional[Workspace]:
     symm_mem = compat.symmetric_memory()
     try:
-        buffer = symm_mem.empty(2 * TWO_SHOT_MAX_BYTES, dtype=torch.uint8, device=device)
+        buffer = symm_mem.empty(2 * REGION_BYTES, dtype=torch.uint8, device=device)
         handle = compat.symmetric_memory_rendezvous(buffer, group_name)
     except RuntimeError as e:  # no P2P access between the GPUs, an allocator that cannot map, ...
         warnings.warn(f"fxfuse: no symmetric memory for group {group_name!r} ({e}); "
@@ -88,7 +91,7 @@ def _make_workspace(group_name: str, device: torch.device) -> Optional[Workspace
         return None
     flags = handle.signal_pad_size // 4  # int32 flags per pad
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return Workspace(buffer, handle, TWO_SHOT_MAX_BYTES, max(1, min(sms, flags // handle.world_size)))
+    return Workspace(buffer, handle, REGION_BYTES, max(1, min(sms, flags // handle.world_size)))
 
 
 def run_fused(
@@ -114,8 +117,10 @@ def run_fused(
     """
     if not use_kernels(x) or G.fused_implementation(group_name, x.device.type) != G.TRITON_SYMM_MEM:
         return None
-    path = kernel_path(x.numel() * x.element_size())
-    ws = workspace(group_name, x.device) if path is not None else None
+    path = kernel_path(x.nbytes)
+    if path is None or max(x.nbytes, residual.nbytes) > REGION_BYTES:
+        return None
+    ws = workspace(group_name, x.device)
     if ws is None:
         return None
     from ..kernels import allreduce as K
