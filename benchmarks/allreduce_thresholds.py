@@ -84,7 +84,8 @@ def main() -> None:
         print(f"\n{tp} GPUs: ms per all-reduce + add + RMSNorm + FP8 quant, {HIDDEN} wide")
         print(f"{'partials':>9} {'tokens':>6} {'bytes':>9} {'nccl':>8} {'one-shot':>9} {'two-shot':>9}")
         for partials, tokens, nbytes, t in fxfuse.distributed.spawn(rank_main, tp, device="cuda"):
-            print(f"{partials:>9} {tokens:>6} {nbytes:>9} {t['nccl']:>8.4f} {t['one-shot']:>9.4f} {t['two-shot']:>9.4f}")
+            ms = f"{t['nccl']:>8.4f} {t['one-shot']:>9.4f} {t['two-shot']:>9.4f}"
+            print(f"{partials:>9} {tokens:>6} {nbytes:>9} {ms}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def test_a_group_this_process_does_not_have_is_not_fused(group, fusion):
     # Every rewrite of the pass starts at the all-reduce: one near miss each.
     misses = fxfuse.miss_table()["allreduce_rms_fusion"]
     assert misses["AllReduceFusedAddRmsNorm"] == 1 and len(misses) == len(fusion.rewrites)
-    assert "AllReduceFusedAddRmsNorm.check() returned False" in fusion.last_misses["AllReduceFusedAddRmsNorm"].first_reason
+    reason = fusion.last_misses["AllReduceFusedAddRmsNorm"].first_reason
+    assert "AllReduceFusedAddRmsNorm.check() returned False" in reason
 
 
 def test_a_group_without_a_fused_implementation_on_the_device_is_not_fused(group, fusion):

@@ -3,8 +3,8 @@
 `run` executes the named scenarios in order, each on every rank of the gloo world
 `fxfuse.distributed.spawn` set up, and writes each rank's results to ``rank{r}.json``:
 one spawn per world size serves every test of the module (a process costs seconds to
-start here). A scenario returns what its test asserts on; an exception is recorded as
-``{"error": ...}`` so that the test reports it instead of a hang.
+start here). A scenario returns what its test asserts on; an exception it raises is
+recorded as ``{"exception": ...}``, for the test to report.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run(names: list[str], out_dir: str) -> None:
         try:
             results[name] = SCENARIOS[name](rank, world, out_dir)
         except Exception as e:  # noqa: BLE001 - reported by the test that reads it
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            results[name] = {"exception": f"{type(e).__name__}: {e}"}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 
@@ -256,7 +256,8 @@ def kernel_over_shared_memory(rank: int, world: int, out_dir: str) -> Any:
             total = total.to(torch.bfloat16)  # rank order, fp32, rounded once
             cases = [
                 ({}, fx.fused_add_rms_norm(total, r, w, EPS)),
-                ({"epilogue": K.EPILOGUE_STATIC_FP8, "scale": s}, fx.fused_add_rms_norm_static_fp8_quant(total, r, w, s, EPS)),
+                ({"epilogue": K.EPILOGUE_STATIC_FP8, "scale": s},
+                 fx.fused_add_rms_norm_static_fp8_quant(total, r, w, s, EPS)),
                 ({"epilogue": K.EPILOGUE_GROUP_FP8, "group_size": 64},
                  fx.fused_add_rms_norm_group_fp8_quant(total, r, w, EPS, 64)),
             ]

@@ -88,11 +88,11 @@ def _norm_quant_row(
     ``out_ptr`` is ``y`` (no quant) or ``q``; ``s_ptr`` the scales of the quantizing epilogues.
     """
     y, offs, mask = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, eps, HAS_RESIDUAL, BLOCK, EXACT_CASTS)
-    cols = tl.arange(0, BLOCK)
     if EPILOGUE == 0:
         tl.store(out_ptr + offs, y, mask=mask)
     elif EPILOGUE == 1:
-        tl.store(out_ptr + offs, quantize_fp8(y.to(tl.float32), tl.div_rn(1.0, tl.load(scale_ptr)), EXACT_CASTS), mask=mask)
+        inv = tl.div_rn(1.0, tl.load(scale_ptr))
+        tl.store(out_ptr + offs, quantize_fp8(y.to(tl.float32), inv, EXACT_CASTS), mask=mask)
     elif EPILOGUE == 2:
         yf = y.to(tl.float32)
         amax = tl.max(tl.where(mask, tl.abs(yf), 0.0), axis=0)
@@ -111,8 +111,9 @@ def _norm_quant_row(
     else:
         groups = tl.arange(0, BLOCK // GROUP)
         s_offs = row * s_row_stride + groups * s_group_stride
+        s_mask = (groups * GROUP < n_cols)[None, :]
         _quantize_groups(y.to(tl.float32)[None, :], out_ptr, offs[None, :], mask[None, :],
-                         s_ptr, s_offs[None, :], (groups * GROUP < n_cols)[None, :], 1, BLOCK // GROUP, GROUP, EXACT_CASTS)
+                         s_ptr, s_offs[None, :], s_mask, 1, BLOCK // GROUP, GROUP, EXACT_CASTS)
 
 
 @triton.jit
@@ -265,7 +266,8 @@ def fused_allreduce_rms_norm(
         out, s if s is not None else dummy, outputs[-1],
         buffer_ptrs, signal_pad_ptrs, rank, n_rows, n_cols, float(eps), gather_offset_bytes // residual.element_size(),
         s_row, s_group, kb_pad,
-        WORLD=world_size, TWO_SHOT=two_shot, SLICES=world_size if two_shot else 1, EPILOGUE=epilogue, HAS_UB=scale_ub is not None,
+        WORLD=world_size, TWO_SHOT=two_shot, SLICES=world_size if two_shot else 1, EPILOGUE=epilogue,
+        HAS_UB=scale_ub is not None,
         GROUP=group_size or 1, BLOCK=block, EXACT_CASTS=exact_casts(),
         num_warps=min(max(block // 1024, 1), 16),  # ~32 elements per thread, as norm_quant
     )

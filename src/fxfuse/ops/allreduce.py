@@ -105,7 +105,8 @@ def allreduce_fused_add_rms_norm_dynamic_per_token_fp8_quant_native(
     group_name: str,
     scale_ub: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference: ``fused_add_rms_norm_dynamic_per_token_fp8_quant(all_reduce(x), ...)`` -> ``(q, scales, residual_out)``."""
+    """Reference: ``fused_add_rms_norm_dynamic_per_token_fp8_quant(all_reduce(x), ...)``
+    -> ``(q, scales, residual_out)``."""
     return fused_add_rms_norm_dynamic_per_token_fp8_quant_native(
         _sum(x, residual, group_name), residual, weight, eps, scale_ub
     )
