@@ -271,3 +271,58 @@ def test_cuda_one_rank_nccl_group_runs_the_kernel_for_every_op(group, tokens, pa
         for a, b in zip(got[:-1], want[:-1]):
             assert _fraction_differing(a, b) < 1e-3, name
     assert _symm_mem.workspace(g, x.device) is not None
+
+
+# --------------------------------------------------------------------------- the kernel, compiled for the H100
+
+_COMPILE_FOR_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fxfuse.kernels import allreduce as K
+
+kernel = K._allreduce_rms_norm_kernel
+names = list(kernel.arg_names)
+out = {}
+for x_dtype, epilogue, two_shot in [("bf16", K.EPILOGUE_STATIC_FP8, False), ("fp32", K.EPILOGUE_NVFP4, True)]:
+    sig = dict.fromkeys(names[:18], "i32")
+    sig.update(x_ptr="*" + x_dtype, res_ptr="*bf16", w_ptr="*bf16", scale_ptr="*fp32", ub_ptr="*fp32",
+               out_ptr="*fp8e4nv" if epilogue == K.EPILOGUE_STATIC_FP8 else "*u8", s_ptr="*fp8e4nv",
+               res_out_ptr="*bf16", buffer_ptrs="i64", signal_pad_ptrs="i64", eps="fp32")
+    const = dict(WORLD=4, TWO_SHOT=two_shot, SLICES=4 if two_shot else 1, EPILOGUE=epilogue, HAS_UB=False,
+                 GROUP=1, BLOCK=4096, EXACT_CASTS=False)
+    sig.update(dict.fromkeys(const, "constexpr"))
+    src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    # (guard, instruction) of every atomic: "@%p48 atom.global.release.sys.cas.b32 ..."
+    atomics = [line.split()[:2] for line in ptx.splitlines() if " atom." in line]
+    out[f"{x_dtype} {'two' if two_shot else 'one'}-shot"] = atomics
+json.dump(out, sys.stdout)
+"""
+
+
+def test_kernel_compiles_for_sm90_with_a_one_thread_system_scope_barrier(tmp_path):
+    """No GPU here, but Triton compiles to PTX for the H100 without one: the barrier's
+    compare-and-swaps are predicated (Triton issues a scalar atomic from one thread and
+    hands its result to the others through shared memory), release when signalling,
+    acquire when waiting, at system scope (the peers are other GPUs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx_atomics = json.loads(done.stdout)
+    # W = 4: each meeting is 4 sends and 4 waits; one-shot meets twice, two-shot three times.
+    for name, meetings in (("bf16 one-shot", 2), ("fp32 two-shot", 3)):
+        guards, ops = zip(*ptx_atomics[name])
+        assert len(ops) == 8 * meetings, name
+        assert ops.count("atom.global.release.sys.cas.b32") == 4 * meetings, name
+        assert ops.count("atom.global.acquire.sys.cas.b32") == 4 * meetings, name
+        assert all(g.startswith("@%p") for g in guards), name
