@@ -20,6 +20,13 @@ per-token-group, so ``o_proj``'s input is group-quantized by the unfused
 ``group_fp8_quant``. (A group epilogue is possible where a group is one head's output,
 ``head_dim == group_size``, but no backend has one yet.)
 
+With ``tp_size > 1`` the outputs of ``o_proj`` and ``down_proj`` are fp32 partial sums,
+each followed by an all-reduce (``_c10d_functional.all_reduce``, ``wait_tensor``) and a
+cast to the model dtype that feed the next ``fused_add_rms_norm``: ``2n`` all-reduces,
+every one fused by ``allreduce_rms_fusion`` together with the norm-quant chain after it,
+so that ``rms_quant_fusion`` matches only layer 0's ``rms_norm`` (see
+``docs/passes/allreduce_rms_fusion.md``).
+
 Attention is ``torch.ops.fxfuse.attention`` over a paged KV cache: the forward takes a
 flat batch of tokens (``input_ids [T]``, ``positions [T]``) and must run inside a forward
 context (see :class:`~fxfuse.models.ModelRunner`). Each layer registers its

@@ -97,7 +97,6 @@ def _make_workspace(group_name: str, device: torch.device) -> Optional[Workspace
 def run_fused(
     x: torch.Tensor,
     group_name: str,
-    group: Any,
     *,
     residual: torch.Tensor,
     weight: torch.Tensor,

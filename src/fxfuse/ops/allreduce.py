@@ -49,6 +49,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _groups as G
+from . import _symm_mem
 from . import _validate as V
 from .fused import (
     fused_add_rms_norm_dynamic_per_token_fp8_quant_native,
@@ -236,9 +237,7 @@ def _reduced(
     (the existing ops)."""
     group = G.resolve(op, group_name)
     G.check_same_across_ranks(op, group_name, group, x)
-    from . import _symm_mem
-
-    out = _symm_mem.run_fused(x, group_name, group, residual=residual, **kernel_args)
+    out = _symm_mem.run_fused(x, group_name, residual=residual, **kernel_args)
     if out is not None:
         return out
     return epilogue(_sum(x, residual, group_name))
