@@ -38,6 +38,7 @@ def test_demo_with_a_model_that_does_not_split_fails_before_starting_processes(c
     assert "--tp 4: ModelConfig.num_kv_heads (2) must be a multiple of tp_size (4)" in capsys.readouterr().err
 
 
-def test_demo_tp_must_be_positive():
+def test_demo_tp_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--tp", "0"])
+    assert "--tp must be at least 1" in capsys.readouterr().err
