@@ -169,9 +169,13 @@ def test_noop_elimination_removes_only_noops():
 
 
 def test_default_passes_order_and_config():
-    assert [p.name for p in fxfuse.default_passes()] == ["noop_elimination", "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion", "native_lowering"]
-    only = fxfuse.default_passes(fxfuse.FusionConfig(noop_elimination=False, act_quant=False, attn_quant=False,
-                                                     native_lowering=False))
+    # allreduce_rms_fusion before rms_quant_fusion: its chains contain that pass's chains.
+    assert [p.name for p in fxfuse.default_passes()] == [
+        "noop_elimination", "allreduce_rms_fusion", "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion",
+        "native_lowering",
+    ]
+    only = fxfuse.default_passes(fxfuse.FusionConfig(noop_elimination=False, allreduce_rms=False, act_quant=False,
+                                                     attn_quant=False, native_lowering=False))
     assert [p.name for p in only] == ["rms_quant_fusion"]
     with pytest.raises(TypeError, match="FusionConfig"):
         fxfuse.default_passes({"rms_quant": True})
