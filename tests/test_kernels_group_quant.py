@@ -89,7 +89,8 @@ def test_rms_norm_group_quant_quantizes_the_norm_kernels_output(shape, group_siz
     else:  # a scale from a row summed in another order: one bf16/fp16 step of the group max
         torch.testing.assert_close(s, ref_s, rtol=2 ** -7, atol=0)
     same = (s == ref_s).repeat_interleave(group_size, -1)
-    assert_fp8_matches(q[same], ref_q[same])
+    # Masked as bytes: torch 2.9 cannot index float8 tensors on the CPU.
+    assert_fp8_matches(q.view(torch.uint8)[same], ref_q.view(torch.uint8)[same])
 
 
 @pytest.mark.parametrize("shape, group_size", SHAPES)
