@@ -465,6 +465,15 @@ def test_failed_replacement_leaves_valid_graph_and_is_reported():
     assert fxfuse.match_table() == {"p": {"FailsForSevenRows": 1}}
 
 
+def test_explain_reports_a_failing_replacement_without_recording_a_failure(recwarn):
+    gm = trace_graph(lambda a, b, c: a * b + c, *[torch.randn(7, 4) for _ in range(3)])
+    p = fxfuse.FusionPass("p", [FailsForSevenRows()])
+    (site,) = fxfuse.explain(gm, [p]).for_rewrite("FailsForSevenRows")
+    assert not site.matched and "no kernel for 7 rows" in site.reason
+    assert p.failures == [] and not [w for w in recwarn if issubclass(w.category, fxfuse.FusionWarning)]
+    assert fxfuse.match_table() == {} and fxfuse.miss_table() == {}
+
+
 # ---------------------------------------------------------------- explain
 
 

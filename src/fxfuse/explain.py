@@ -195,7 +195,7 @@ def explain(
 
 def _sites(p: FusionPass, traced: TracedRewrite, graph: torch.fx.Graph, regions: Any, index: int) -> list[Site]:
     def evaluate(variant: Variant, match: compat.Match) -> str | None:
-        return _Entry(p, traced, variant).evaluate(match)
+        return _Entry(p, traced, variant).evaluate(match, report=False)  # explaining records nothing
 
     out = []
     for node in diagnosis.sites(traced, graph):

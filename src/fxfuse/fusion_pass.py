@@ -53,11 +53,12 @@ class _Entry(compat.PatternEntry):
         self.pattern = variant.pattern
         self.extra_check = self.prepare
 
-    def evaluate(self, match: compat.Match) -> str | None:
+    def evaluate(self, match: compat.Match, *, report: bool = True) -> str | None:
         """None when the match should be replaced, else the reason it should not.
 
         On success the traced replacement is stored on the match, so all fallible work
-        happens here, before the graph is touched.
+        happens here, before the graph is touched. ``report=False`` (diagnosis: explain,
+        miss reasons) returns a failed replacement's reason without recording a failure.
         """
         traced, rewrite = self.traced, self.traced.rewrite
         try:
@@ -74,7 +75,8 @@ class _Entry(compat.PatternEntry):
         except _Skip as e:
             return str(e)
         except Exception as e:  # noqa: BLE001 - a failing replacement is reported, never fatal
-            self.owner._fail(rewrite.name, match, e)
+            if report:
+                self.owner._fail(rewrite.name, match, e)
             return f"replacement failed: {type(e).__name__}: {e}"
         match.replacement_graph = repl
         return None
@@ -216,7 +218,7 @@ class FusionPass:
             reason = self._declined.get((traced.name, missed[0]))
             if reason is None:
                 regions = regions or compat.mutation_region_ids(graph)
-                entry = lambda v, m, t=traced: _Entry(self, t, v).evaluate(m)  # noqa: E731
+                entry = lambda v, m, t=traced: _Entry(self, t, v).evaluate(m, report=False)  # noqa: E731
                 reason = diagnosis.why_not(traced, missed[0], entry, regions) or "matched only after the pass ran"
             misses = Misses(traced.name, tuple(n.name for n in missed), len(sites[traced.name]), reason)
             self.last_misses[traced.name] = misses
