@@ -47,18 +47,65 @@ def _silu_and_mul_kernel(
         tl.store(sf_ptr + swizzled_offset(rows64[:, None], kcols[None, :], kb_pad), sf8, mask=smask)
 
 
+#: ``BLOCK_R`` of a launch config that selects `_silu_and_mul_flat_kernel` (``BLOCK_D`` is its XBLOCK).
+FLAT = 0
+
+
+@triton.jit
+def _silu_and_mul_flat_kernel(
+    x_ptr, scale_ptr, out_ptr, n, d,
+    OUT: tl.constexpr, XBLOCK: tl.constexpr, ROW_ALIGNED: tl.constexpr, WIDE: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    # The outputs as one flat range, XBLOCK per program in memory order (Inductor's layout of
+    # the same op): consecutive programs stream consecutive bytes. The math is the tile
+    # kernel's, expression for expression, so the two give the same bits.
+    pid = tl.program_id(0)
+    if WIDE:  # int32 offsets would overflow; int64 division is slow, so only where needed
+        pid = pid.to(tl.int64)
+    i = pid * XBLOCK + tl.arange(0, XBLOCK)
+    if ROW_ALIGNED:
+        row = pid // (d // XBLOCK)  # d % XBLOCK == 0: a program stays in one row, one division
+    else:
+        row = i // d
+    mask = i < n
+    in_offs = i + row * d  # row * 2d + (i - row * d)
+    g = tl.load(x_ptr + in_offs, mask=mask, other=0.0)
+    u = tl.load(x_ptr + in_offs + d, mask=mask, other=0.0).to(tl.float32)
+    gf = g.to(tl.float32)
+    y = round_to(tl.div_rn(gf, 1.0 + tl.exp(-gf)) * u, g.dtype, EXACT_CASTS)
+    if OUT == 0:
+        tl.store(out_ptr + i, y, mask=mask)
+    else:
+        inv = tl.div_rn(1.0, tl.load(scale_ptr))
+        tl.store(out_ptr + i, quantize_fp8(y.to(tl.float32), inv, EXACT_CASTS), mask=mask)
+
+
 def _tiles(rows: int, d: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_D, num_warps)``: the default launch (the NVFP4 epilogue's too).
+    ``benchmarks/silu_sweep.py`` times the alternatives (``FLAT`` included) per shape."""
     block_d = min(1024, triton.next_power_of_2(d))
     block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
     return block_r, block_d, 4 if block_r * block_d <= 2048 else 8
 
 
-def silu_and_mul(x: torch.Tensor, out: int = OUT_NONE, scale: torch.Tensor | None = None):
+def _launch_flat(x, scale, y, rows: int, d: int, out: int, xblock: int, warps: int) -> None:
+    n = rows * d
+    _silu_and_mul_flat_kernel[(triton.cdiv(n, xblock),)](
+        x, scale if scale is not None else x, y, n, d,
+        OUT=out, XBLOCK=xblock, ROW_ALIGNED=d % xblock == 0, WIDE=2 * n + 2 * xblock >= 2**31,
+        EXACT_CASTS=exact_casts(), num_warps=warps,
+    )
+
+
+def silu_and_mul(x: torch.Tensor, out: int = OUT_NONE, scale: torch.Tensor | None = None,
+                 config: tuple[int, int, int] | None = None):
     """``silu_and_mul`` of a contiguous ``x`` ``[..., 2d]``, optionally quantized.
 
     ``out=OUT_NONE`` returns ``y`` in ``x.dtype``; ``OUT_FP8`` returns fp8 ``q`` (``scale``
     the static dequant scale); ``OUT_NVFP4`` returns ``(q, block_scales)`` (``scale`` the
-    global scale).
+    global scale). ``config`` ``(BLOCK_R, BLOCK_D, num_warps)`` overrides `_tiles` for
+    ``OUT_NONE`` and ``OUT_FP8`` (tuning; ``BLOCK_R=FLAT``: the flat kernel, ``BLOCK_D``
+    elements per program); every config gives the same bits.
 
     Example:
         >>> y = silu_and_mul(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16))
@@ -72,8 +119,13 @@ def silu_and_mul(x: torch.Tensor, out: int = OUT_NONE, scale: torch.Tensor | Non
         y = torch.empty((*x.shape[:-1], d), dtype=torch.float8_e4m3fn, device=x.device)
     else:
         y, sf = nvfp4_outputs(rows, d, x.device)
+    if config is not None and out == OUT_NVFP4:
+        raise ValueError("silu_and_mul: `config` overrides the OUT_NONE and OUT_FP8 launches only")
     if rows and d:
-        block_r, block_d, warps = _tiles(rows, d)
+        block_r, block_d, warps = config or _tiles(rows, d)
+        if block_r == FLAT:
+            _launch_flat(x, scale, y, rows, d, out, block_d, warps)
+            return y
         grid = (triton.cdiv(rows, block_r), triton.cdiv(d, block_d))
         _silu_and_mul_kernel[grid](
             x, scale if scale is not None else x, y, sf if sf is not None else y, rows, d,
