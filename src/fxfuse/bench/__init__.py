@@ -70,12 +70,20 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def e2e_layers() -> int:
+    """The end-to-end benchmark's default depth (`e2e.LAYERS`); importing `e2e` builds no model."""
+    from .e2e import LAYERS
+
+    return LAYERS
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", help="comma-separated sections: ops,gemm,attention,e2e (default: all)")
     p.add_argument("--ops", help="comma-separated op names to benchmark (default: all)")
     p.add_argument("--tokens", help="comma-separated token counts for the op and GEMM benchmarks "
                                     "(default: 1,16,256,4096,32768 and 1,16,256,4096,16384)")
-    p.add_argument("--layers", type=int, default=4, help="layers of the end-to-end model (default 4)")
+    p.add_argument("--layers", type=int, default=e2e_layers(),
+                   help="layers of the end-to-end model (default: all of Llama-3-8B's, %(default)s)")
     p.add_argument("--e2e-quant", default="fp8,fp8-block",
                    help="comma-separated quant schemes of the end-to-end model (default: fp8,fp8-block)")
     p.add_argument("--json", help="write all results to this JSON file")

@@ -1,0 +1,124 @@
+"""``fxfuse bench`` on the CPU: its defaults, the plot's panels and titles, and the
+attention benchmark's cold-L2 rule (timing faked, kernels in Triton's interpreter at tiny
+shapes). The benchmarks themselves need a GPU and are not run here."""
+
+import inspect
+
+import pytest
+import torch
+
+from fxfuse.bench import attention, e2e, timing
+from fxfuse.cli import build_parser
+from fxfuse.models import ModelConfig
+
+
+def test_e2e_defaults_to_every_layer_of_llama3_8b():
+    assert build_parser().parse_args(["bench", "--only", "e2e"]).layers == 32
+    assert inspect.signature(e2e.run).parameters["layers"].default == 32
+    assert ModelConfig.preset("llama3-8b").num_layers == 32
+    assert build_parser().parse_args(["bench", "--layers", "4"]).layers == 4
+
+
+def _op_rows(op, fused, widths=(4096,), tokens=(16, 4096)):
+    return [dict(op=op, fused=fused, tokens=t, width=w, floor_us=1.0 + t / 1000, eager_us=3.0 + t / 500,
+                 inductor_us=1.5 + t / 900, fxfuse_us=1.2 + t / 950) for w in widths for t in tokens]
+
+
+def _e2e_rows(layers=32, quant="fp8"):
+    return [dict(quant=quant, phase=phase, seqs=s, new_tokens=n, context=1024, layers=layers, unfused_us=100.0,
+                 fused_us=95.0, speedup=100 / 95) for phase, s, n in (("decode", 1, 1), ("prefill", 1, 2048))]
+
+
+def _figure(results):
+    mpl = pytest.importorskip("matplotlib")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fxfuse.bench.plot import figure
+
+    fig = figure(results)
+    shown = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    titles = [ax.get_title() for ax in shown]
+    plt.close(fig)
+    return shown, titles
+
+
+@pytest.mark.parametrize("results, panels", [
+    (dict(ops=_op_rows("silu_and_mul_static_fp8_quant", True)), 1),  # --only ops --ops <one fused op>
+    (dict(ops=_op_rows("silu_and_mul", False)), 1),  # one unfused op: drawn, not "nothing to plot"
+    (dict(e2e=_e2e_rows()), 1),  # --only e2e
+    (dict(ops=_op_rows("a", True) + _op_rows("b", True) + _op_rows("c", False)), 2),  # unfused ones left out
+    (dict(ops=[r for op in "abcd" for r in _op_rows(op, True)], e2e=_e2e_rows()), 5),  # 2 x 3 grid, one cell unused
+], ids=["one-fused-op", "one-unfused-op", "e2e-only", "fused-and-unfused", "five-panels"])
+def test_the_plot_has_one_visible_axes_per_panel(results, panels):
+    shown, _ = _figure(results)
+    assert len(shown) == panels
+
+
+def test_the_e2e_title_states_the_layers_that_ran():
+    _, titles = _figure(dict(e2e=_e2e_rows(32)))
+    assert "32 layers" in titles[0]
+    _, titles = _figure(dict(e2e=_e2e_rows(4, "fp8") + _e2e_rows(32, "fp8-block")))
+    assert "4, 32 layers" in titles[0]
+
+
+def test_plot_writes_a_png_or_says_why_not(tmp_path):
+    from fxfuse.bench.plot import plot
+
+    path = tmp_path / "bench.png"
+    status = plot(dict(e2e=_e2e_rows(), device="cpu"), str(path))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert status.startswith("plot skipped: matplotlib is not installed")
+        return
+    assert status == f"plot written to {path}" and path.stat().st_size > 0
+    assert plot({}, str(tmp_path / "none.png")) == "plot skipped: no op or end-to-end results"
+
+
+def test_attention_sets_are_cold_by_size_past_twice_the_l2(monkeypatch):
+    monkeypatch.setattr(timing, "l2_bytes", lambda: 50 << 20)
+    monkeypatch.setattr(attention, "l2_bytes", lambda: 50 << 20)
+    made = []
+    make = lambda: made.append(1) or {}  # noqa: E731
+    sets, how = attention._sets(make, 100 << 20)
+    assert (len(sets), how) == (1, "size")
+    sets, how = attention._sets(make, 30 << 20)
+    assert how == "copies" and len(sets) * (30 << 20) > 100 << 20
+    # The benchmark's shapes: every decode shape (~1 GB of KV) is cold by size.
+    for seqs, ctx in attention.DECODE:
+        assert attention._qkv_bytes(seqs, 1, ctx) >= 2 * (50 << 20)
+
+
+def test_attention_bench_reports_cold_and_warm_times(monkeypatch):
+    """The whole benchmark at tiny shapes: prefill rotates copies (cold plus warm in the
+    row), decode is cold by its size (no warm); every row says how it was cold."""
+    calls = []
+
+    def fake_graph_us(fn, **kwargs):
+        fns = fn if isinstance(fn, list) else [fn]
+        for f in fns:
+            f()
+        calls.append(len(fns))
+        return float(len(fns))  # distinguishes the cold (rotated) from the warm timing
+
+    prefill_bytes = attention._qkv_bytes(1, 16, 16)
+    decode_bytes = attention._qkv_bytes(2, 1, 32)
+    l2 = (prefill_bytes + decode_bytes) // 4  # prefill < 2 x L2 <= decode
+    assert prefill_bytes < 2 * l2 <= decode_bytes
+    for mod in (timing, attention):
+        monkeypatch.setattr(mod, "l2_bytes", lambda: l2)
+    monkeypatch.setattr(attention, "graph_us", fake_graph_us)
+    monkeypatch.setattr(attention, "DEVICE", "cpu")
+    monkeypatch.setattr(attention, "PREFILL", ((1, 16),))
+    monkeypatch.setattr(attention, "DECODE", ((2, 32),))
+    torch.manual_seed(0)
+    res = attention.run(bandwidth=1e12, log=lambda *a: None)
+    (pre,), (dec,) = res["prefill"], res["decode"]
+    assert pre["cold_by"] == "copies" and pre["cold_copies"] >= 2
+    assert pre["fxfuse_us"] == pre["cold_copies"] and pre["warm"] == dict(fxfuse_us=1.0, sdpa_us=1.0)
+    assert pre["max_abs_diff_vs_sdpa"] < 0.05
+    assert [r["quant"] for r in res["fused_quant"]] == ["fp8", "nvfp4"]
+    assert all(r["cold_by"] == "copies" and "warm" in r for r in res["fused_quant"])
+    assert dec["cold_by"] == "size" and dec["cold_copies"] == 1 and "warm" not in dec
+    assert torch.isfinite(torch.tensor(dec["pct_bw"]))
