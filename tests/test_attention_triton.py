@@ -115,6 +115,62 @@ def test_quantized_outputs_equal_the_unfused_chain(splits, dtype):
     assert torch.equal(q4, ref_q) and torch.equal(bs.view(torch.uint8), ref_bs.view(torch.uint8))
 
 
+def _stale_slots_nan(batch):
+    """Fill every cache slot no sequence owns with NaN: a kernel that reads past a
+    sequence's end (as whole-page bulk copies do) must not let them into the output."""
+    m = batch.metadata
+    owned = torch.zeros(batch.cache.key_cache.shape[0] * batch.block_size, dtype=torch.bool, device=DEVICE)
+    for i, n in enumerate(m.seq_lens.tolist()):
+        pos = torch.arange(n, device=DEVICE)
+        owned[m.block_table[i, pos // batch.block_size].long() * batch.block_size + pos % batch.block_size] = True
+    for cache in (batch.cache.key_cache, batch.cache.value_cache):
+        cache.view(owned.shape[0], -1)[~owned] = float("nan")
+
+
+@pytest.mark.parametrize("q_tma", [False, None])
+@pytest.mark.parametrize("cfg", [(32, 16, 4, 2), (64, 32, 4, 2)], ids=["bm32-bn16", "bm64-bn32"])
+def test_tma_path_matches_reference_with_stale_slots(cfg, q_tma):
+    # 32-slot pages hold whole key tiles; pages are shared by no two sequences, and the
+    # slots past each sequence's end are NaN.
+    batch = on_device(Batch(random_seqs(41, 32), num_heads=8, num_kv_heads=2, head_size=64, block_size=32,
+                            dtype=torch.bfloat16, seed=41))
+    t = batch.num_tokens
+    run(batch, "t.tma", torch.empty(t, 8, 64, dtype=torch.bfloat16, device=DEVICE))  # writes the new K/V
+    _stale_slots_nan(batch)
+    m, c = batch.metadata, batch.cache
+    args = (batch.query.to(DEVICE), c.key_cache, c.value_cache, m.block_table, m.seq_lens, m.query_start_loc,
+            m.max_query_len, m.max_seq_len, 64 ** -0.5)
+    y = torch.empty(t, 8, 64, dtype=torch.bfloat16, device=DEVICE)
+    K.paged_attention(*args, y, config=cfg, tma=True, q_tma=q_tma)
+    torch.testing.assert_close(y.double().cpu(), batch.reference(), atol=ATOL[torch.bfloat16], rtol=0.02)
+    y_gather = torch.empty_like(y)
+    K.paged_attention(*args, y_gather, config=cfg, tma=False)
+    assert torch.equal(y, y_gather)  # the same tiles in the same order: only the loads differ
+    s = torch.tensor([0.02], device=DEVICE)
+    q8 = torch.empty(t, 8, 64, dtype=FP8, device=DEVICE)
+    K.paged_attention(*args, q8, K.OUT_FP8, s, config=cfg, tma=True, q_tma=q_tma)
+    assert torch.equal(q8.view(torch.uint8), static_scaled_fp8_quant_native(y, s).view(torch.uint8))
+
+
+def test_tma_needs_pages_holding_whole_tiles():
+    batch = on_device(Batch(random_seqs(43), num_heads=4, num_kv_heads=2, head_size=64, block_size=16,
+                            dtype=torch.bfloat16, seed=43))
+    m, c = batch.metadata, batch.cache
+    out = torch.empty(batch.num_tokens, 4, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert not K.tma_possible(c.key_cache, 32, interpreted_ok=True)
+    with pytest.raises(ValueError, match="block size 16 is not a multiple of BLOCK_N 32"):
+        K.paged_attention(batch.query.to(DEVICE), c.key_cache, c.value_cache, m.block_table, m.seq_lens,
+                          m.query_start_loc, m.max_query_len, m.max_seq_len, 0.125, out, config=(64, 32, 4, 2),
+                          tma=True)
+
+
+def test_preferred_block_size():
+    assert TritonAttentionBackend().preferred_block_size(torch.device("cpu")) is None
+    if torch.cuda.is_available():
+        major = torch.cuda.get_device_capability()[0]
+        assert TritonAttentionBackend().preferred_block_size(torch.device("cuda")) == (64 if major >= 9 else None)
+
+
 def test_fused_op_through_the_backend_equals_unfused_ops():
     batch = on_device(Batch(random_seqs(31), num_heads=4, num_kv_heads=2, head_size=64, block_size=16,
                             dtype=torch.bfloat16, seed=31))

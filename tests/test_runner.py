@@ -239,3 +239,10 @@ def test_pack_prompts():
     assert ids.tolist() == [7, 8, 9, 4, 5] and ids.dtype == torch.long
     assert pos.tolist() == [0, 1, 2, 0, 1] and pos.dtype == torch.long
     assert lens == [3, 2]
+
+
+def test_default_block_size_follows_the_backends(model):
+    # the native backend (and the triton one off Hopper) states no preference: 16
+    assert ModelRunner(model).block_size == 16
+    with pytest.raises(ValueError, match="block_size must be a positive int or None"):
+        ModelRunner(model, block_size=0)

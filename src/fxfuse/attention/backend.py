@@ -103,6 +103,16 @@ class AttentionBackend(abc.ABC):
         check_scheme(scheme)
         return scheme in self.supported_output_quant
 
+    def preferred_block_size(self, device: torch.device) -> Optional[int]:
+        """The KV-cache block size (slots per page) this backend runs fastest with on
+        ``device``, or None for no preference. A runner that is not told a block size
+        takes the largest preference of its layers' backends (see ``ModelRunner``).
+
+        >>> TritonAttentionBackend().preferred_block_size(torch.device("cuda"))  # on an H100
+        64
+        """
+        return None
+
     @abc.abstractmethod
     def forward(
         self,

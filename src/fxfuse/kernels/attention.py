@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import interpreted
 from ._nvfp4 import quantize_rows, swizzled_offset
 from ._rounding import exact_casts, quantize_fp8, round_to
 from .quant import zero_scale_padding
@@ -58,53 +60,69 @@ def _store_output(
 
 @triton.jit
 def _attend_tile(
-    q, acc, m_i, l_i, start, k_cache, v_cache, bt_row, kvh, seq_len, qpos, qk_scale,
+    q, acc, m_i, l_i, start, k_cache, v_cache, k_desc, v_desc, bt_row, kvh, seq_len, qpos, qk_scale,
     HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr, EXACT_CASTS: tl.constexpr,
+    MASKED: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, EXACT_CASTS: tl.constexpr,
 ):
     pos = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    if MASKED:
-        in_seq = pos < seq_len
-        blk = tl.load(bt_row + pos // BS, mask=in_seq, other=0)
+    in_seq = pos < seq_len
+    if TMA:
+        # The tile lies inside one page (BS % BLOCK_N == 0, starts are BLOCK_N-aligned):
+        # one bulk copy per operand from the [slots, Hkv * D] view of the cache.
+        slot = tl.load(bt_row + start // BS).to(tl.int32) * BS + start % BS
+        k = tl.trans(k_desc.load([slot, kvh * D]))
     else:
-        blk = tl.load(bt_row + pos // BS)
-    kv_off = ((blk.to(tl.int64) * BS + pos % BS) * HKV + kvh) * D
-    if MASKED:
-        k = tl.load(k_cache + kv_off[None, :] + d[:, None], mask=in_seq[None, :], other=0.0)
-    else:
-        k = tl.load(k_cache + kv_off[None, :] + d[:, None])
+        if MASKED:
+            blk = tl.load(bt_row + pos // BS, mask=in_seq, other=0)
+        else:
+            blk = tl.load(bt_row + pos // BS)
+        kv_off = ((blk.to(tl.int64) * BS + pos % BS) * HKV + kvh) * D
+        if MASKED:
+            k = tl.load(k_cache + kv_off[None, :] + d[:, None], mask=in_seq[None, :], other=0.0)
+        else:
+            k = tl.load(k_cache + kv_off[None, :] + d[:, None])
     if EXACT_CASTS:  # Triton's interpreter multiplies bf16 matrices wrongly: do it in fp32
-        s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * qk_scale
+        qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
     else:
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        qk = tl.dot(q, k, input_precision=PRECISION)
     if MASKED:
-        s = tl.where((pos[None, :] <= qpos[:, None]) & in_seq[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-    p = tl.math.exp2(s - m_safe[:, None])
+        s = tl.where((pos[None, :] <= qpos[:, None]) & in_seq[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+    else:
+        # Every row has a finite score here, and the scale (> 0) commutes with the max:
+        # one fused multiply-add per score.
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+        m_safe = m_new
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if MASKED:
+    if TMA:
+        v = v_desc.load([slot, kvh * D])
+        if MASKED:  # slots past the sequence hold stale values, possibly NaN: 0 * NaN would leak
+            v = tl.where(in_seq[:, None], v, 0.0)
+    elif MASKED:
         v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
     else:
         v = tl.load(v_cache + kv_off[:, None] + d[None, :])
+    acc = acc * alpha[:, None]
     if EXACT_CASTS:
-        pv = tl.dot(round_to(p, v.dtype, True).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(round_to(p, v.dtype, True).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
     else:
-        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    acc = acc * alpha[:, None] + pv
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+    q_ptr, q_desc, k_cache, v_cache, k_desc, v_desc, block_table, seq_lens, query_start_loc,
     out_ptr, sf_ptr, scale_ptr, part_o, part_lse,
     qk_scale, bt_stride, kb_pad, n_q_tiles,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    OUT: tl.constexpr, EXACT_CASTS: tl.constexpr, PRECISION: tl.constexpr,
+    OUT: tl.constexpr, TMA: tl.constexpr, Q_TMA: tl.constexpr, EXACT_CASTS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PAD
     pid = tl.program_id(0)
@@ -126,7 +144,12 @@ def _paged_attention_kernel(
     tok = q_start + t_local
     head = kvh * G + g
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (tok.to(tl.int64) * HQ + head)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    if Q_TMA:
+        # [tokens, G, D] box of the query: rows token-major, as r above; rows past this
+        # sequence's tokens read its neighbour's queries (finite), and are never stored.
+        q = tl.reshape(q_desc.load([q_start + q_tile * BLOCK_Q, kvh * G, 0]), (BLOCK_M, D))
+    else:
+        q = tl.load(q_ptr + (tok.to(tl.int64) * HQ + head)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
     qpos = ctx + t_local
 
     kv_end = tl.minimum(seq_len, ctx + tl.minimum((q_tile + 1) * BLOCK_Q, n_new))
@@ -146,11 +169,13 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start in range(lo, mid, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, k_cache, v_cache, bt_row, kvh, seq_len, qpos,
-                                     qk_scale, HKV, D, BS, BLOCK_N, False, PRECISION, EXACT_CASTS)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, k_cache, v_cache, k_desc, v_desc, bt_row, kvh,
+                                     seq_len, qpos, qk_scale, HKV, D, BS, BLOCK_N, False, TMA, PRECISION,
+                                     EXACT_CASTS)
     for start in range(mid, hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, k_cache, v_cache, bt_row, kvh, seq_len, qpos,
-                                     qk_scale, HKV, D, BS, BLOCK_N, True, PRECISION, EXACT_CASTS)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, k_cache, v_cache, k_desc, v_desc, bt_row, kvh,
+                                     seq_len, qpos, qk_scale, HKV, D, BS, BLOCK_N, True, TMA, PRECISION,
+                                     EXACT_CASTS)
 
     if NUM_SPLITS == 1:
         o = acc / l_i[:, None]
@@ -215,6 +240,27 @@ def num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len
     return max(1, min(want, triton.cdiv(max_seq_len, 256), 32))
 
 
+def tma_possible(key_cache: torch.Tensor, block_n: int, interpreted_ok: bool = False) -> bool:
+    """Whether key tiles of ``block_n`` slots can be bulk-copied (TMA) from this cache.
+
+    Needs a Hopper-or-newer GPU (or, when ``interpreted_ok``, Triton's interpreter, which
+    emulates the copies), pages holding whole tiles (``block_size % block_n == 0``: a
+    tile never straddles two pages) and the 16-byte alignment bulk copies require.
+
+    Example:
+        >>> tma_possible(torch.empty(8, 64, 8, 128, device="cuda", dtype=torch.bfloat16), 64)
+        True
+    """
+    num_blocks, bs, hkv, d = key_cache.shape
+    row_bytes = hkv * d * key_cache.element_size()
+    aligned = key_cache.is_contiguous() and row_bytes % 16 == 0 and key_cache.data_ptr() % 16 == 0
+    if key_cache.device.type == "cuda":
+        hardware = torch.cuda.get_device_capability(key_cache.device)[0] >= 9
+    else:
+        hardware = interpreted_ok and interpreted()
+    return hardware and aligned and bs % block_n == 0
+
+
 def _config(g_pad: int, head_size: int, decode: bool, max_query_len: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from benchmarks/attention_sweep.py on the
     H100 (head size 128, 4 query heads per KV head; RESULTS.md)."""
@@ -243,6 +289,8 @@ def paged_attention(
     output_block_scale: Optional[torch.Tensor] = None,
     splits: Optional[int] = None,
     config: Optional[tuple[int, int, int, int]] = None,
+    tma: Optional[bool] = None,
+    q_tma: Optional[bool] = None,
 ) -> None:
     """Causal attention of ``query`` [T, Hq, D] over the paged cache, written into ``output``.
 
@@ -250,7 +298,8 @@ def paged_attention(
     ``OUT_NONE`` (``output`` in the model dtype), ``OUT_FP8`` (fp8 ``output``,
     ``output_scale`` the dequant scale), ``OUT_NVFP4`` (``output`` uint8 [T, Hq * D / 2],
     ``output_block_scale`` the swizzled scales, ``output_scale`` the global scale; the
-    scale padding is zeroed here). ``splits`` and ``config`` override the heuristics.
+    scale padding is zeroed here). ``splits``, ``config`` and ``tma`` override the
+    heuristics (``tma=True`` where :func:`tma_possible` is false is an error).
 
     Example:
         >>> paged_attention(q, kc, vc, bt, seq_lens, qsl, 1, 4096, 128 ** -0.5, out)
@@ -269,6 +318,19 @@ def paged_attention(
     if out == OUT_NVFP4:
         kb_pad = output_block_scale.shape[1]
         zero_scale_padding(output_block_scale, num_tokens, hq * d // 16)
+    use_tma = tma_possible(key_cache, block_n) if tma is None else tma
+    if use_tma and not tma_possible(key_cache, block_n, interpreted_ok=True):
+        raise ValueError(
+            f"paged_attention: tma=True needs KV pages holding whole key tiles (block size {bs} is not a "
+            f"multiple of BLOCK_N {block_n}) and a contiguous, 16-byte aligned cache"
+        )
+    k_desc = v_desc = key_cache  # placeholders the kernel never touches without TMA
+    if use_tma:
+        slots = key_cache.shape[0] * bs
+        k_desc = TensorDescriptor.from_tensor(key_cache.view(slots, hkv * d), [block_n, d])
+        v_desc = TensorDescriptor.from_tensor(value_cache.view(slots, hkv * d), [block_n, d])
+    q_tma = use_tma and g == g_pad and q_tma is not False and query.is_contiguous()
+    q_desc = TensorDescriptor.from_tensor(query, [block_m // g_pad, g, d]) if q_tma else query
     n_q_tiles = triton.cdiv(max_query_len, block_m // g_pad)
     part_o = part_lse = query  # placeholders the kernel never touches with NUM_SPLITS == 1
     if n_splits > 1:
@@ -278,11 +340,11 @@ def paged_attention(
     sf_arg = output_block_scale if output_block_scale is not None else output
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     _paged_attention_kernel[(num_seqs * n_q_tiles, hkv, n_splits)](
-        query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+        query, q_desc, key_cache, value_cache, k_desc, v_desc, block_table, seq_lens, query_start_loc,
         output, sf_arg, scale_arg, part_o, part_lse,
         scale * _LOG2E, block_table.stride(0), kb_pad, n_q_tiles,
         HQ=hq, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_SPLITS=n_splits, OUT=out, EXACT_CASTS=exact_casts(), PRECISION=precision,
+        NUM_SPLITS=n_splits, OUT=out, TMA=use_tma, Q_TMA=q_tma, EXACT_CASTS=exact_casts(), PRECISION=precision,
         num_warps=warps, num_stages=stages,
     )
     if n_splits > 1:

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ..attention import AttentionMetadata, ForwardContext, KVCache, set_forward_context
+from ..attention import AttentionMetadata, ForwardContext, KVCache, get_layer, set_forward_context
 from .config import ModelConfig
 
 #: ``forward(input_ids [T], positions [T]) -> logits [T, vocab]``.
@@ -50,6 +50,16 @@ def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.shape[0] >= 2:
             torch._dynamo.mark_dynamic(t, 0)
+
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def _preferred_block_size(model: torch.nn.Module) -> int:
+    """The largest KV block size the model's attention backends prefer on its device
+    (``AttentionBackend.preferred_block_size``), else 16."""
+    wants = [get_layer(name).backend.preferred_block_size(model.device) for name in model.attention_layer_names]
+    return max([w for w in wants if w] or [DEFAULT_BLOCK_SIZE])
 
 
 def random_prompts(
@@ -173,7 +183,9 @@ class ModelRunner:
     (default) or a ``torch.compile`` of it. Every call runs inside
     ``set_forward_context(ForwardContext(metadata, kv_caches))``.
 
-    KV blocks of ``block_size`` slots are handed out per sequence as it grows and freed
+    KV blocks of ``block_size`` slots (default: the largest block size the layers'
+    attention backends prefer on the model's device, 64 for the triton backend on Hopper,
+    else 16) are handed out per sequence as it grows and freed
     when a :meth:`generate` / :meth:`run` / :meth:`logits` call ends (the caches'
     contents stay; a later request simply overwrites them). With ``num_blocks=None`` the
     caches are allocated, or re-allocated larger, to fit each request; a fixed
@@ -192,11 +204,13 @@ class ModelRunner:
         self,
         model: torch.nn.Module,
         forward: Optional[Forward] = None,
-        block_size: int = 16,
+        block_size: Optional[int] = None,
         num_blocks: Optional[int] = None,
     ) -> None:
+        if block_size is None:
+            block_size = _preferred_block_size(model)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"ModelRunner: block_size must be a positive int, got {block_size!r}")
+            raise ValueError(f"ModelRunner: block_size must be a positive int or None, got {block_size!r}")
         if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0):
             raise ValueError(f"ModelRunner: num_blocks must be a positive int or None, got {num_blocks!r}")
         self.model = model
@@ -381,7 +395,7 @@ def generate(
     prompts: Prompts,
     max_new_tokens: int,
     forward: Optional[Forward] = None,
-    block_size: int = 16,
+    block_size: Optional[int] = None,
 ) -> list[list[int]]:
     """``ModelRunner(model, forward, block_size).generate(prompts, max_new_tokens)``.
 
@@ -396,7 +410,7 @@ def run(
     forward: Optional[Forward],
     prompts: Prompts,
     max_new_tokens: int,
-    block_size: int = 16,
+    block_size: Optional[int] = None,
 ) -> RunResult:
     """Prefill all ``prompts`` in one batch (timed separately: this is where compilation
     happens), then greedy-decode ``max_new_tokens`` per prompt with the KV cache.
