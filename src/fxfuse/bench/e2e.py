@@ -14,18 +14,21 @@ import torch
 
 import fxfuse
 
-from ..attention import AttentionMetadata, ForwardContext, KVCache, set_forward_context
+from ..attention import AttentionMetadata, ForwardContext, KVCache, TritonAttentionBackend, set_forward_context
 from .timing import graph_us
-
-BLOCK = 16
 DECODE = ((1, 1024), (32, 1024), (256, 1024))  # (sequences, context incl. the new token)
 PREFILL = ((1, 2048), (32, 256), (256, 32))  # (sequences, prompt tokens each)
 
 
-def _batch(cfg, seqs: int, new: int, total: int):
-    per = -(-total // BLOCK)
+def block_size() -> int:
+    """The KV block size the triton backend prefers on this GPU (what ModelRunner takes)."""
+    return TritonAttentionBackend().preferred_block_size(torch.device("cuda")) or 16
+
+
+def _batch(cfg, seqs: int, new: int, total: int, block: int):
+    per = -(-total // block)
     table = torch.arange(seqs * per, dtype=torch.int32).view(seqs, per)
-    meta = AttentionMetadata.from_lens([new] * seqs, [total] * seqs, table, BLOCK, device="cuda")
+    meta = AttentionMetadata.from_lens([new] * seqs, [total] * seqs, table, block, device="cuda")
     positions = torch.arange(total - new, total, device="cuda").repeat(seqs)
     ids = torch.randint(cfg.vocab_size, (seqs * new,), device="cuda")
     return meta, ids, positions, per * seqs
@@ -57,10 +60,11 @@ def _run_model(layers: int, quant: str, log) -> list[dict]:
         "fused": fxfuse.compile(model, passes=fxfuse.PassManager(fxfuse.default_passes()), fullgraph=True),
     }
     rows = []
+    block = block_size()
     for phase, shapes in (("decode", [(b, 1, c) for b, c in DECODE]), ("prefill", [(b, n, n) for b, n in PREFILL])):
         for seqs, new, total in shapes:
-            meta, ids, positions, n_blocks = _batch(cfg, seqs, new, total)
-            caches = {name: KVCache.allocate(n_blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "cuda")
+            meta, ids, positions, n_blocks = _batch(cfg, seqs, new, total, block)
+            caches = {name: KVCache.allocate(n_blocks, block, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "cuda")
                       for name in model.attention_layer_names}
             for c in caches.values():
                 c.key_cache.normal_()
@@ -73,7 +77,7 @@ def _run_model(layers: int, quant: str, log) -> list[dict]:
                 for name, fwd in variants.items():
                     fwd(ids, positions)  # compile (once per variant and T == 1 / T > 1) and validate metadata
                     times[name] = graph_us(lambda: fwd(ids, positions), warmup=2)
-            row = dict(quant=quant, phase=phase, seqs=seqs, new_tokens=new, context=total, layers=layers,
+            row = dict(quant=quant, phase=phase, seqs=seqs, new_tokens=new, context=total, layers=layers, kv_block=block,
                        unfused_us=times["unfused"], fused_us=times["fused"],
                        speedup=times["unfused"] / times["fused"])
             rows.append(row)
