@@ -10,6 +10,12 @@
   :class:`ForwardContext` that the model runner sets around each forward call
   (:func:`set_forward_context`).
 
+Modules, each importing only those above it: ``schemes`` (output quant schemes),
+``metadata`` (:class:`AttentionMetadata`), ``kv_cache`` (:class:`KVCache`), ``backend``
+(:class:`AttentionBackend` and :class:`AttentionLayer`, which name each other),
+``registry`` (the layer registry), ``forward_context``, and the backends ``native`` and
+``triton_backend``. Nothing here imports :mod:`fxfuse.ops`: the op is built on this package.
+
 Example::
 
     import torch, fxfuse
@@ -27,22 +33,19 @@ Example::
         torch.ops.fxfuse.attention(q, k, v, out, "attn0")
 """
 
-from .backend import OUTPUT_QUANT_SCHEMES, AttentionBackend, output_quant_scheme
-from .context import (
-    AttentionLayer,
-    AttentionMetadata,
-    ForwardContext,
-    KVCache,
-    NoForwardContextError,
+from .backend import AttentionBackend, AttentionLayer
+from .forward_context import ForwardContext, NoForwardContextError, get_forward_context, set_forward_context
+from .kv_cache import KVCache
+from .metadata import AttentionMetadata
+from .registry import (
     UnknownLayerError,
-    get_forward_context,
     get_layer,
     register_layer,
     registered_layer_names,
-    set_forward_context,
     temporary_layers,
     unregister_layer,
 )
+from .schemes import OUTPUT_QUANT_SCHEMES, output_quant_scheme
 from .triton_backend import TritonAttentionBackend
 from .native import (
     NativeAttentionBackend,

@@ -1,58 +1,28 @@
-"""The attention backend interface and the output quant schemes a backend may fuse.
+"""The attention backend interface, and the layer description that names a backend.
 
 A backend computes ``torch.ops.fxfuse.attention`` for the layers that use it. Besides
-the computation it states which *output quant schemes* it can fuse into its epilogue;
-the ``attn_quant_fusion`` pass asks this at compile time (via the layer registry) and
-leaves the unfused ``attention -> quant`` chain alone for layers whose backend says no.
+the computation it states which *output quant schemes* (:mod:`.schemes`) it can fuse
+into its epilogue; the ``attn_quant_fusion`` pass asks this at compile time (via the
+layer registry) and leaves the unfused ``attention -> quant`` chain alone for layers
+whose backend says no.
+
+:class:`AttentionBackend` and :class:`AttentionLayer` live together because each names
+the other: a layer holds its backend, and a backend's ``forward`` is handed the layer.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, ClassVar, Optional
+import dataclasses
+import math
+from typing import ClassVar, Optional
 
 import torch
 
-if TYPE_CHECKING:  # only for annotations: context.py imports this module
-    from .context import AttentionLayer, AttentionMetadata, KVCache
-
-#: Output quant schemes, in the order the op documents them:
-#: ``"none"`` writes the model dtype, ``"fp8_static"`` writes float8_e4m3fn with a
-#: per-tensor scale (``output_scale``), ``"nvfp4"`` writes packed NVFP4 plus swizzled
-#: E4M3 block scales (``output_scale`` is the global scale, ``output_block_scale`` given).
-OUTPUT_QUANT_SCHEMES: tuple[str, ...] = ("none", "fp8_static", "nvfp4")
-
-
-def output_quant_scheme(
-    output_scale: Optional[torch.Tensor], output_block_scale: Optional[torch.Tensor]
-) -> str:
-    """The output quant scheme an ``attention`` call asks for, from its optional arguments.
-
-    >>> output_quant_scheme(None, None)
-    'none'
-    >>> output_quant_scheme(torch.tensor([0.5]), None)
-    'fp8_static'
-
-    Raises ``ValueError`` for ``output_block_scale`` without ``output_scale`` (NVFP4
-    needs its global scale).
-    """
-    if output_block_scale is not None:
-        if output_scale is None:
-            raise ValueError(
-                "fxfuse.attention: `output_scale` must be given (the NVFP4 global scale) "
-                "when `output_block_scale` is given"
-            )
-        return "nvfp4"
-    return "none" if output_scale is None else "fp8_static"
-
-
-def check_scheme(scheme: str) -> None:
-    """``scheme`` must be one of :data:`OUTPUT_QUANT_SCHEMES`."""
-    if scheme not in OUTPUT_QUANT_SCHEMES:
-        raise ValueError(
-            f"fxfuse.attention: unknown output quant scheme {scheme!r}; "
-            f"expected one of {', '.join(repr(s) for s in OUTPUT_QUANT_SCHEMES)}"
-        )
+from ._common import _PREFIX, _is_int
+from .kv_cache import KVCache
+from .metadata import AttentionMetadata
+from .schemes import OUTPUT_QUANT_SCHEMES, check_scheme
 
 
 class AttentionBackend(abc.ABC):
@@ -116,15 +86,15 @@ class AttentionBackend(abc.ABC):
     @abc.abstractmethod
     def forward(
         self,
-        layer: "AttentionLayer",
+        layer: AttentionLayer,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         output: torch.Tensor,
         output_scale: Optional[torch.Tensor],
         output_block_scale: Optional[torch.Tensor],
-        metadata: "AttentionMetadata",
-        kv_cache: "KVCache",
+        metadata: AttentionMetadata,
+        kv_cache: KVCache,
     ) -> None:
         """Write ``key``/``value`` into ``kv_cache`` at ``metadata.slot_mapping``, then write
         the causal attention of ``query`` into ``output`` (and ``output_block_scale``).
@@ -141,3 +111,59 @@ class AttentionBackend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayer:
+    """The static description of one attention layer: its head counts and backend.
+
+    ``num_heads`` query heads share ``num_kv_heads`` key/value heads (grouped-query
+    attention): query head ``h`` uses kv head ``h // (num_heads // num_kv_heads)``.
+
+    >>> from fxfuse.attention import NativeAttentionBackend
+    >>> layer = AttentionLayer("layers.0.attn", num_heads=8, num_kv_heads=2, head_size=64,
+    ...                        backend=NativeAttentionBackend())
+    >>> layer.supports_output_quant("fp8_static")
+    True
+    """
+
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    backend: AttentionBackend
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{_PREFIX}: AttentionLayer `name` must be a non-empty str, got {self.name!r}")
+        for fname in ("num_heads", "num_kv_heads", "head_size"):
+            v = getattr(self, fname)
+            if not _is_int(v) or v <= 0:
+                raise ValueError(
+                    f"{_PREFIX}: layer {self.name!r}: `{fname}` must be a positive int, got {v!r}"
+                )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{_PREFIX}: layer {self.name!r}: `num_heads` ({self.num_heads}) must be a multiple "
+                f"of `num_kv_heads` ({self.num_kv_heads})"
+            )
+        if not isinstance(self.backend, AttentionBackend):
+            raise TypeError(
+                f"{_PREFIX}: layer {self.name!r}: `backend` must be an AttentionBackend instance, "
+                f"got {type(self.backend).__name__}"
+            )
+        self.backend.check()
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def scale(self) -> float:
+        """The softmax scale, ``1 / sqrt(head_size)``."""
+        return 1.0 / math.sqrt(self.head_size)
+
+    def supports_output_quant(self, scheme: str) -> bool:
+        """Whether this layer's backend fuses output quant ``scheme`` (one of
+        ``"none"``, ``"fp8_static"``, ``"nvfp4"``)."""
+        return self.backend.supports_output_quant(scheme)

@@ -19,8 +19,10 @@ import torch
 # The epilogue calls the quant ops registered by these modules.
 from ..ops import nvfp4 as _nvfp4  # noqa: F401
 from ..ops import quant as _quant  # noqa: F401
-from .backend import AttentionBackend, output_quant_scheme
-from .context import AttentionLayer, AttentionMetadata, KVCache
+from .backend import AttentionBackend, AttentionLayer
+from .kv_cache import KVCache
+from .metadata import AttentionMetadata
+from .schemes import output_quant_scheme
 
 # Upper bound on fp32 score elements materialized at once (per query chunk), so a long
 # prefill on a GPU does not allocate [heads, tokens, seq_len] in one go.

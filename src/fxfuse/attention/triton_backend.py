@@ -11,9 +11,11 @@ from typing import Optional
 
 import torch
 
-from .backend import AttentionBackend, output_quant_scheme
-from .context import AttentionLayer, AttentionMetadata, KVCache
+from .backend import AttentionBackend, AttentionLayer
+from .kv_cache import KVCache
+from .metadata import AttentionMetadata
 from .native import write_kv_cache_native
+from .schemes import output_quant_scheme
 
 
 class TritonAttentionBackend(AttentionBackend):

@@ -25,8 +25,14 @@ from typing import Optional
 
 import torch
 
-from ..attention.backend import output_quant_scheme
-from ..attention.context import AttentionLayer, AttentionMetadata, KVCache, get_forward_context, get_layer
+from ..attention import (
+    AttentionLayer,
+    AttentionMetadata,
+    KVCache,
+    get_forward_context,
+    get_layer,
+    output_quant_scheme,
+)
 from .. import compat
 from . import _validate as V
 from .nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_block_scales_shape
