@@ -16,9 +16,6 @@ from typing import Optional
 
 import torch
 
-# The epilogue calls the quant ops registered by these modules.
-from ..ops import nvfp4 as _nvfp4  # noqa: F401
-from ..ops import quant as _quant  # noqa: F401
 from .backend import AttentionBackend, AttentionLayer
 from .kv_cache import KVCache
 from .metadata import AttentionMetadata
@@ -101,6 +98,9 @@ def write_output_native(
     ``[T, Hq * D]`` view, so fused and unfused agree bit for bit on every device,
     whichever kernel those ops dispatch to.
     """
+    # Through the dispatcher, not by importing fxfuse.ops: the ops are built on this
+    # package, and the op registry is what both sides agree on. They are registered by
+    # then: importing any fxfuse module first runs fxfuse/__init__, which imports fxfuse.ops.
     scheme = output_quant_scheme(output_scale, output_block_scale)
     num_tokens, num_heads, head_size = out.shape
     flat = out.reshape(num_tokens, num_heads * head_size)
