@@ -120,3 +120,121 @@ def test_silu_and_mul_and_its_quant_epilogues(shape, dtype):
     q4, sf = A.silu_and_mul(x, A.OUT_NVFP4, gs)
     ref_q4, ref_sf = nvfp4_quant_native(y, gs)
     assert torch.equal(q4, ref_q4) and torch.equal(_bytes(sf), _bytes(ref_sf))
+
+
+# --------------------------------------------------------------------------- NVFP4 word kernels
+#
+# bf16/fp16 NVFP4 kernels read int32 words and tile [rows, blocks, words]; widths that are
+# multiples of 16 but not of a tile's blocks, odd row counts, and small tiles (several
+# programs per row and per row group) check the masks and the offsets.
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fxfuse.kernels._nvfp4 import e2m1_code, word_kind  # noqa: E402
+from fxfuse.ops.nvfp4 import _e2m1_codes  # noqa: E402
+
+WORD_DTYPES = [torch.bfloat16, torch.float16]
+# (shape, configs (ROWS, BLOCKS, num_warps)); None is the default launch
+WORD_QUANT_CASES = [((1, 16), [None, (1, 1, 1)]), ((5, 48), [None, (2, 2, 1), (1, 4, 2)]),
+                    ((7, 144), [None, (4, 4, 2)]), ((33, 80), [None, (8, 2, 1)])]
+WORD_SILU_CASES = [((1, 32), [None, (1, 1, 1)]), ((5, 96), [None, (2, 2, 1)]),
+                   ((3, 2 * 144), [None, (2, 4, 2)]), ((33, 160), [None, (16, 2, 1)])]
+if DEVICE == "cuda":
+    WORD_QUANT_CASES += [((257, 4096), [None, (1, 256, 4), (4, 64, 8)]), ((3, 14336), [None, (2, 128, 4)])]
+    WORD_SILU_CASES += [((257, 2 * 14336), [None, (1, 256, 4), (2, 64, 4)]), ((7, 2 * 4096), [None])]
+
+
+@triton.jit
+def _e2m1_probe(x_ptr, inv_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + offs, mask=m, other=0.0)
+    tl.store(out_ptr + offs, e2m1_code(x, tl.load(inv_ptr + offs, mask=m, other=0.0)), mask=m)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # signalling NaNs among the bf16 values
+def test_e2m1_code_equals_the_native_rounding():
+    # every bf16 value (inf, NaN, subnormals, -0 included) times 1; every E2M1 midpoint and
+    # grid value and a few fp32 ulps around each, both signs, times 1 and times powers of 2;
+    # random magnitudes times random multipliers
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    points = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0])
+    bits = points.view(torch.int32)[:, None] + torch.arange(-3, 4, dtype=torch.int32)
+    near = bits.view(torch.float32).flatten()
+    near = torch.cat([near, -near])
+    g = torch.Generator().manual_seed(0)
+    rand_x = torch.randn(2**14, generator=g) * torch.exp2(torch.randint(-10, 10, (2**14,), generator=g).float())
+    rand_inv = torch.exp2(torch.rand(2**14, generator=g) * 40 - 20)
+    x = torch.cat([every_bf16, near, near * 0.5, rand_x])
+    inv = torch.cat([torch.ones(every_bf16.numel() + near.numel()), torch.full((near.numel(),), 2.0), rand_inv])
+    x, inv = x.to(DEVICE), inv.to(DEVICE)
+    out = torch.empty(x.shape, dtype=torch.int32, device=DEVICE)
+    _e2m1_probe[(triton.cdiv(x.numel(), 4096),)](x, inv, out, x.numel(), BLOCK=4096)
+    assert torch.equal(out.to(torch.uint8), _e2m1_codes(x * inv))
+
+
+def _word_input(shape, dtype, seed):
+    x = _x(shape, dtype, seed=seed, scale=3.0)
+    rows = x.view(-1, shape[-1])
+    rows[0, :16] = 0  # an all-zero block (scale 0)
+    if shape[-1] >= 32:
+        rows[:, 16:32] *= 1e-5  # blocks whose scale is an fp8 subnormal or underflows to 0 ...
+    rows[-1, -1] = 1e4  # ... and one whose scale saturates at 448
+    return x
+
+
+@pytest.mark.parametrize("case", range(len(WORD_QUANT_CASES)), ids=lambda i: "x".join(map(str, WORD_QUANT_CASES[i][0])))
+@pytest.mark.parametrize("dtype", WORD_DTYPES)
+def test_nvfp4_word_kernel_is_bit_exact(case, dtype):
+    shape, configs = WORD_QUANT_CASES[case]
+    x = _word_input(shape, dtype, seed=11 * sum(shape))
+    assert word_kind(x) is not None  # the word kernel runs, not the element fallback
+    for gs_factor in (1.0, 8.0):  # 8: more blocks saturate their scale
+        gs = (448.0 * 6.0 / x.float().abs().amax()).reshape(1) * gs_factor * 1e4
+        ref_q, ref_sf = nvfp4_quant_native(x, gs)
+        for config in configs:
+            q, sf = Q.nvfp4(x, gs, config)
+            assert torch.equal(q, ref_q), config
+            assert torch.equal(_bytes(sf), _bytes(ref_sf)), config  # padding included
+
+
+@pytest.mark.parametrize("dtype", WORD_DTYPES)
+def test_nvfp4_unaligned_16_bit_input_takes_the_element_kernel(dtype):
+    base = _x((3 * 48 + 1,), dtype, seed=12)
+    x = base[1:].view(3, 48)  # contiguous, but 2 bytes past a 4-byte boundary
+    assert word_kind(x) is None and word_kind(base[:-1].view(3, 48)) is not None
+    gs = (448.0 * 6.0 / x.float().abs().amax()).reshape(1)
+    q, sf = Q.nvfp4(x, gs)
+    ref_q, ref_sf = nvfp4_quant_native(x, gs)
+    assert torch.equal(q, ref_q) and torch.equal(_bytes(sf), _bytes(ref_sf))
+
+
+@pytest.mark.parametrize("case", range(len(WORD_SILU_CASES)), ids=lambda i: "x".join(map(str, WORD_SILU_CASES[i][0])))
+@pytest.mark.parametrize("dtype", WORD_DTYPES)
+def test_silu_and_mul_nvfp4_word_kernel_is_bit_exact(case, dtype):
+    shape, configs = WORD_SILU_CASES[case]
+    x = _x(shape, dtype, seed=13 * sum(shape), scale=3.0)
+    if shape[-1] >= 64:
+        x[0, :16] = 0  # a zero block of the output (gate 0)
+    y = A.silu_and_mul(x)  # the kernel's own model-dtype output (its exp is not torch's)
+    gs = (448.0 * 6.0 / y.float().abs().amax()).reshape(1) * 4  # some blocks saturate their scale
+    ref_q, ref_sf = nvfp4_quant_native(y, gs)
+    for config in configs:
+        q, sf = A.silu_and_mul_nvfp4(x, gs, config) if config else A.silu_and_mul(x, A.OUT_NVFP4, gs)
+        assert torch.equal(q, ref_q), config
+        assert torch.equal(_bytes(sf), _bytes(ref_sf)), config
+
+
+def test_nvfp4_word_configs_are_checked():
+    x = _x((2, 32), torch.bfloat16, seed=14)
+    gs = torch.tensor([1.0], device=DEVICE)
+    for bad in [(3, 2, 1), (1, 0, 4), (1, 2)]:
+        with pytest.raises(ValueError, match="powers of two"):
+            Q.nvfp4(x, gs, bad)
+        with pytest.raises(ValueError, match="powers of two"):
+            A.silu_and_mul_nvfp4(torch.cat([x, x], dim=-1), gs, bad)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        A.silu_and_mul_nvfp4(x.float(), gs)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        A.silu_and_mul_nvfp4(x[:, :24].contiguous(), gs)

@@ -259,6 +259,34 @@ def test_quant_matches_reference_on_ties():
     assert torch.equal(q, q_ref) and torch.equal(u8(s), s_ref)
 
 
+@pytest.mark.parametrize("dtype", MODEL_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16), (7, 48), (3, 144), (2, 3, 64)])
+@pytest.mark.parametrize("regime", ["amax", "clamping", "underflow"])
+def test_word_kernels_match_reference(dtype, shape, regime):
+    """bf16/fp16 input takes the Triton kernels that read int32 words into [rows, blocks,
+    words] tiles (CUDA, or Triton's interpreter here): their bytes equal the independent
+    reference, the fused SiLU-and-mul one's for its own SiLU-and-mul output."""
+    pytest.importorskip("triton", reason="Triton is part of the test extras")
+    from fxfuse.kernels import activation as A
+    from fxfuse.kernels import quant as Q
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter (conftest)
+    factor = {"amax": 1.0, "clamping": 50.0, "underflow": 0.1}[regime]
+    x = randn(shape, dtype, 60 + sum(shape), scale=3.0)
+    rows = x.reshape(-1, shape[-1])
+    rows[:, 16:32] *= torch.logspace(-2, -5, rows.shape[0]).reshape(-1, 1).to(dtype)
+    gs = gs_for(x) * factor
+    q, s = Q.nvfp4(x.to(device), gs.to(device))
+    q_ref, s_ref, _ = nvfp4_ref(x, gs)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(u8(s).cpu(), s_ref)
+    xs = randn((*shape[:-1], 2 * shape[-1]), dtype, 70 + sum(shape), scale=2.0).to(device)
+    y = A.silu_and_mul(xs).cpu()
+    gs = gs_for(y) * factor
+    q, s = A.silu_and_mul(xs, A.OUT_NVFP4, gs.to(device))
+    q_ref, s_ref, _ = nvfp4_ref(y, gs)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(u8(s).cpu(), s_ref)
+
+
 def test_leading_dims_are_flattened_to_rows():
     x = randn((2, 3, 48), torch.bfloat16, 3)
     gs = gs_for(x)

@@ -2,7 +2,9 @@
 
 Elementwise over ``[rows, d]`` tiles: the gate and up halves of a row are read once,
 ``silu(g) * u`` is computed in fp32 and rounded to the model dtype (the unfused op's
-output), then written as is or quantized in registers.
+output), then written as is or quantized in registers. The NVFP4 epilogue of bf16/fp16
+input has its own kernel, which reads int32 words (two elements of one output byte) in
+the tile layout of its blocks (`_silu_and_mul_nvfp4_kernel`, see ``_nvfp4.py``).
 """
 
 from __future__ import annotations
@@ -11,11 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._nvfp4 import quantize_rows, swizzled_offset
+from ._nvfp4 import (
+    check_word_config, quantize_rows, quantize_word_halves, split_words, swizzled_offset, swizzled_offset_bits,
+    word_kind, word_tiles,
+)
 from ._rounding import exact_casts, quantize_fp8, round_to
 from .quant import nvfp4_outputs
 
 OUT_NONE, OUT_FP8, OUT_NVFP4 = 0, 1, 2
+# Default tile of the NVFP4 word kernel (benchmarks/nvfp4_sweep.py times the alternatives):
+# up to _NVFP4_BLOCKS 16-element blocks of a row per program, rows added up to _NVFP4_TILE.
+_NVFP4_TILE, _NVFP4_BLOCKS, _NVFP4_WARPS = 256, 128, 4
 
 
 @triton.jit
@@ -45,6 +53,53 @@ def _silu_and_mul_kernel(
         kcols = tl.program_id(1) * (BLOCK_D // 16) + tl.arange(0, BLOCK_D // 16)
         smask = (rows[:, None] < n_rows) & (kcols[None, :] < d // 16)
         tl.store(sf_ptr + swizzled_offset(rows64[:, None], kcols[None, :], kb_pad), sf8, mask=smask)
+
+
+@triton.jit
+def _silu_mul_rounded(gw, uw, KIND: tl.constexpr, EXACT_CASTS: tl.constexpr):
+    """fp32 values of ``silu(g) * u`` rounded to the model dtype, for the (even, odd)
+    elements of gate and up int32 words: `_silu_and_mul_kernel`'s expression, bit for bit."""
+    g_lo, g_hi = split_words(gw, KIND)
+    u_lo, u_hi = split_words(uw, KIND)
+    y_lo = tl.div_rn(g_lo, 1.0 + tl.exp(-g_lo)) * u_lo
+    y_hi = tl.div_rn(g_hi, 1.0 + tl.exp(-g_hi)) * u_hi
+    if KIND == 0:
+        # round_to's bf16 rounding without its cast to bf16 and back: the result's low
+        # 16 bits are zero, so the fp32 is the bf16 value
+        lo_bits = y_lo.to(tl.int32, bitcast=True)
+        hi_bits = y_hi.to(tl.int32, bitcast=True)
+        y_lo = ((lo_bits + (0x7FFF + ((lo_bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)
+        y_hi = ((hi_bits + (0x7FFF + ((hi_bits >> 16) & 1))) & -65536).to(tl.float32, bitcast=True)
+    else:
+        y_lo = round_to(y_lo, tl.float16, EXACT_CASTS).to(tl.float32)
+        y_hi = round_to(y_hi, tl.float16, EXACT_CASTS).to(tl.float32)
+    return y_lo, y_hi
+
+
+@triton.jit
+def _silu_and_mul_nvfp4_kernel(
+    w_ptr, gs_ptr, q_ptr, sf_ptr, n_rows, n_blocks, kb_pad,
+    KIND: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    # w: the input as int32 words [n_rows, 16 * n_blocks], gate words then up words;
+    # q: [n_rows, 8 * n_blocks] bytes, one per word of the output.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    ok = (rows[:, None] < n_rows) & (blocks[None, :] < n_blocks)
+    mask = ok[:, :, None]
+    rows64 = rows.to(tl.int64)
+    j = tl.arange(0, 4)[None, None, :]
+    in_offs = (rows64[:, None] * (16 * n_blocks) + blocks[None, :] * 8)[:, :, None] + j
+    up = 8 * n_blocks
+    lo0, hi0 = _silu_mul_rounded(tl.load(w_ptr + in_offs, mask=mask, other=0),
+                                 tl.load(w_ptr + in_offs + up, mask=mask, other=0), KIND, EXACT_CASTS)
+    lo1, hi1 = _silu_mul_rounded(tl.load(w_ptr + in_offs + 4, mask=mask, other=0),
+                                 tl.load(w_ptr + in_offs + (up + 4), mask=mask, other=0), KIND, EXACT_CASTS)
+    b0, b1, sf8 = quantize_word_halves(lo0, hi0, lo1, hi1, tl.load(gs_ptr), EXACT_CASTS)
+    out_offs = (rows64[:, None] * (8 * n_blocks) + blocks[None, :] * 8)[:, :, None] + j
+    tl.store(q_ptr + out_offs, b0, mask=mask)
+    tl.store(q_ptr + out_offs + 4, b1, mask=mask)
+    tl.store(sf_ptr + swizzled_offset_bits(rows64[:, None], blocks[None, :], kb_pad), sf8, mask=ok)
 
 
 #: ``BLOCK_R`` of a launch config that selects `_silu_and_mul_flat_kernel` (``BLOCK_D`` is its XBLOCK).
@@ -112,6 +167,8 @@ def silu_and_mul(x: torch.Tensor, out: int = OUT_NONE, scale: torch.Tensor | Non
     """
     d = x.shape[-1] // 2
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if out == OUT_NVFP4 and config is None and d % 16 == 0 and word_kind(x) is not None:
+        return silu_and_mul_nvfp4(x, scale)  # fp32 (and unaligned) input: the tile kernel below
     sf = None
     if out == OUT_NONE:
         y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
@@ -133,3 +190,38 @@ def silu_and_mul(x: torch.Tensor, out: int = OUT_NONE, scale: torch.Tensor | Non
             OUT=out, BLOCK_R=block_r, BLOCK_D=block_d, EXACT_CASTS=exact_casts(), num_warps=warps,
         )
     return (y, sf) if out == OUT_NVFP4 else y
+
+
+def nvfp4_tiles(rows: int, n_blocks: int) -> tuple[int, int, int]:
+    """Default ``(ROWS, BLOCKS, num_warps)`` of `_silu_and_mul_nvfp4_kernel` for ``rows``
+    rows of ``n_blocks`` 16-element output blocks."""
+    return word_tiles(rows, n_blocks, _NVFP4_TILE, _NVFP4_BLOCKS, _NVFP4_WARPS)
+
+
+def silu_and_mul_nvfp4(x: torch.Tensor, global_scale: torch.Tensor, config: tuple[int, int, int] | None = None):
+    """``silu_and_mul_nvfp4_quant`` of a contiguous bf16/fp16 ``x`` ``[..., 2d]`` (4-byte
+    aligned, ``d`` a multiple of 16): ``(q, block_scales)``, as ``silu_and_mul(x,
+    OUT_NVFP4, global_scale)``. ``config`` ``(ROWS, BLOCKS, num_warps)`` overrides
+    `nvfp4_tiles` (tuning; every config gives the same bits).
+
+    Example:
+        >>> q, sf = silu_and_mul_nvfp4(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16),
+        ...                            torch.tensor([100.0], device="cuda"))
+    """
+    kind = word_kind(x)
+    if kind is None:
+        raise ValueError(f"silu_and_mul_nvfp4: `x` must be bf16 or fp16 and 4-byte aligned, got {x.dtype}")
+    d = x.shape[-1] // 2
+    if d % 16:
+        raise ValueError(f"silu_and_mul_nvfp4: `x` must have a last dim 2 * d with d a multiple of 16, got {2 * d}")
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    y, sf = nvfp4_outputs(rows, d, x.device)
+    n_blocks = d // 16
+    if rows and n_blocks:
+        tile_rows, blocks, warps = check_word_config(config) if config is not None else nvfp4_tiles(rows, n_blocks)
+        grid = (triton.cdiv(rows, tile_rows), triton.cdiv(n_blocks, blocks))
+        _silu_and_mul_nvfp4_kernel[grid](
+            x.view(torch.int32), global_scale, y, sf, rows, n_blocks, sf.shape[1],
+            KIND=kind, ROWS=tile_rows, BLOCKS=blocks, EXACT_CASTS=exact_casts(), num_warps=warps,
+        )
+    return y, sf

@@ -3,7 +3,9 @@
 Static FP8 is elementwise over the flattened tensor. Per-token FP8 runs one program per
 row: a row that fits one block stays in registers between the max and the quantize,
 longer rows are read twice (the second read from L2). NVFP4 tiles rows x 16-element
-blocks; its swizzled scale layout is written directly.
+blocks and writes its swizzled scale layout directly; bf16/fp16 input is read as int32
+words, each the two elements of one output byte (`_nvfp4_words_kernel`), fp32 input as
+elements (`_nvfp4_kernel`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._nvfp4 import quantize_rows, swizzled_offset
+from ._nvfp4 import (
+    check_word_config, quantize_rows, quantize_word_halves, split_words, swizzled_offset, swizzled_offset_bits,
+    word_kind, word_tiles,
+)
 from ._rounding import FP8_MAX, exact_casts, quantize_fp8
 
 _MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
 _MAX_ROW_BLOCK = 8192
+# Default NVFP4 word-kernel tile (benchmarks/nvfp4_sweep.py times the alternatives): up to
+# _NVFP4_BLOCKS blocks of a row per program, rows added up to _NVFP4_TILE blocks.
+_NVFP4_TILE, _NVFP4_BLOCKS, _NVFP4_WARPS = 256, 128, 4
 
 
 @triton.jit
@@ -79,6 +87,26 @@ def _nvfp4_kernel(
     kcols = tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
     smask = (rows[:, None] < n_rows) & (kcols[None, :] < n_cols // 16)
     tl.store(sf_ptr + swizzled_offset(rows64[:, None], kcols[None, :], kb_pad), sf8, mask=smask)
+
+
+@triton.jit
+def _nvfp4_words_kernel(
+    w_ptr, gs_ptr, q_ptr, sf_ptr, n_rows, n_blocks, kb_pad,
+    KIND: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    # w: the input as int32 words [n_rows, 8 * n_blocks]; a word's packed byte has the
+    # word's own offset in q, so one offset tile serves the loads and the stores.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    ok = (rows[:, None] < n_rows) & (blocks[None, :] < n_blocks)
+    rows64 = rows.to(tl.int64)
+    offs = (rows64[:, None] * (8 * n_blocks) + blocks[None, :] * 8)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    lo0, hi0 = split_words(tl.load(w_ptr + offs, mask=ok[:, :, None], other=0), KIND)
+    lo1, hi1 = split_words(tl.load(w_ptr + offs + 4, mask=ok[:, :, None], other=0), KIND)
+    b0, b1, sf8 = quantize_word_halves(lo0, hi0, lo1, hi1, tl.load(gs_ptr), EXACT_CASTS)
+    tl.store(q_ptr + offs, b0, mask=ok[:, :, None])
+    tl.store(q_ptr + offs + 4, b1, mask=ok[:, :, None])
+    tl.store(sf_ptr + swizzled_offset_bits(rows64[:, None], blocks[None, :], kb_pad), sf8, mask=ok)
 
 
 def static_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -142,8 +170,13 @@ def nvfp4_outputs(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, t
     return q, sf
 
 
-def nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nvfp4(
+    x: torch.Tensor, global_scale: torch.Tensor, config: Optional[tuple[int, int, int]] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``nvfp4_quant`` on a contiguous ``x`` ``[..., K]``; returns ``(q, swizzled block scales)``.
+
+    ``config`` ``(ROWS, BLOCKS, num_warps)`` overrides `nvfp4_tiles` for bf16/fp16 input
+    (tuning; every config gives the same bits); fp32 input ignores it.
 
     Example:
         >>> q, sf = nvfp4(torch.randn(4, 64, device="cuda", dtype=torch.bfloat16), torch.tensor([100.0], device="cuda"))
@@ -151,11 +184,37 @@ def nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, to
     k = x.shape[-1]
     m = x.numel() // k
     q, sf = nvfp4_outputs(m, k, x.device)
-    if m:
-        block_r, block_k = 8, min(256, triton.next_power_of_2(k))
-        grid = (triton.cdiv(m, block_r), triton.cdiv(k, block_k))
-        _nvfp4_kernel[grid](
-            x, global_scale, q, sf, m, k, sf.shape[1],
-            BLOCK_R=block_r, BLOCK_K=block_k, EXACT_CASTS=exact_casts(), num_warps=4,
-        )
+    kind = word_kind(x)
+    if config is not None:
+        config = check_word_config(config)
+    if m and kind is not None:
+        _launch_nvfp4_words(x, global_scale, q, sf, m, k, kind, config or nvfp4_tiles(m, k // 16))
+    elif m:
+        _launch_nvfp4_elements(x, global_scale, q, sf, m, k)
     return q, sf
+
+
+def nvfp4_tiles(rows: int, n_blocks: int) -> tuple[int, int, int]:
+    """Default ``(ROWS, BLOCKS, num_warps)`` of `_nvfp4_words_kernel` for ``rows`` rows of
+    ``n_blocks`` 16-element blocks."""
+    return word_tiles(rows, n_blocks, _NVFP4_TILE, _NVFP4_BLOCKS, _NVFP4_WARPS)
+
+
+def _launch_nvfp4_words(x, global_scale, q, sf, m: int, k: int, kind: int, config: tuple[int, int, int]) -> None:
+    rows, blocks, warps = config
+    n_blocks = k // 16
+    grid = (triton.cdiv(m, rows), triton.cdiv(n_blocks, blocks))
+    _nvfp4_words_kernel[grid](
+        x.view(torch.int32), global_scale, q, sf, m, n_blocks, sf.shape[1],
+        KIND=kind, ROWS=rows, BLOCKS=blocks, EXACT_CASTS=exact_casts(), num_warps=warps,
+    )
+
+
+def _launch_nvfp4_elements(x, global_scale, q, sf, m: int, k: int) -> None:
+    """The element-tile kernel (fp32 input, or 16-bit input not readable as words)."""
+    block_r, block_k = 8, min(256, triton.next_power_of_2(k))
+    grid = (triton.cdiv(m, block_r), triton.cdiv(k, block_k))
+    _nvfp4_kernel[grid](
+        x, global_scale, q, sf, m, k, sf.shape[1],
+        BLOCK_R=block_r, BLOCK_K=block_k, EXACT_CASTS=exact_casts(), num_warps=4,
+    )
