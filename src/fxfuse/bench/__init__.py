@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
         print("\nblock-scaled FP8 GEMM (block_fp8_linear vs torch._scaled_mm with per-tensor scales):")
         results["gemm"] = gemm.run(tokens=tuple(int(t) for t in args.tokens.split(",")) if args.tokens else gemm.TOKENS)
     if "attention" in sections:
-        print("\nattention (32 query heads, 8 KV heads, head size 128, bf16, KV block 16):")
+        print("\nattention (32 query heads, 8 KV heads, head size 128, bf16):")
         results["attention"] = attention.run(bw)
     if "e2e" in sections:
         print("\nend to end (Llama-3-8B layer shapes, FP8 and block-scaled FP8, triton attention, CUDA graphs):")
