@@ -50,7 +50,7 @@ def quantize_rows(v, gs, ROWS: tl.constexpr, COLS: tl.constexpr, EXACT_CASTS: tl
     blocks = tl.reshape(v, (ROWS, COLS // 16, 16))
     vmax = tl.max(tl.abs(blocks), axis=2)
     sf8, inv = block_scales(vmax, gs, EXACT_CASTS)
-    codes = e2m1_codes(blocks * inv[:, :, None])
+    codes = e2m1_code(blocks, inv[:, :, None])  # bit-equal to e2m1_codes(blocks * inv), half the work
     pairs = tl.reshape(codes, (ROWS, COLS // 2, 2))
     lo, hi = tl.split(pairs)
     return (lo | (hi << 4)).to(tl.uint8), sf8
