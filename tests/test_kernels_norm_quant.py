@@ -4,7 +4,9 @@ Runs on CUDA when present, else in Triton's CPU interpreter (small shapes; conft
 sets TRITON_INTERPRET). The kernel's
 normalized row may differ from the native one by one unit in the last place (another
 reduction order); its FP8 epilogue must equal the native quant of that same row bit for
-bit, so fused == unfused on one device.
+bit, so fused == unfused on one device. Every check runs with one row per program and
+with several (``ROWS`` = 2 and 8, over row counts that are not multiples of it), the
+reference always from the default launch: a tile of rows must change no bit.
 """
 
 import pytest
@@ -22,6 +24,8 @@ from fxfuse.ops.quant import dynamic_per_token_fp8_quant_native, static_scaled_f
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 16), (7, 40), (33, 129)] if DEVICE == "cpu" else [(1, 4096), (7, 5120), (257, 8192), (33, 129)]
+# Rows per program: the heuristic's choice (one row at these sizes), and tiles of 2 and 8.
+PER_PROGRAM = [None, 2, 8]
 
 
 def _inputs(rows, cols, dtype, seed, scale=1.0):
@@ -59,9 +63,10 @@ def assert_fp8_matches(q, ref):
 @pytest.mark.parametrize("rows, cols", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("residual", [False, True])
-def test_norm_matches_native_within_two_ulps(rows, cols, dtype, residual):
+@pytest.mark.parametrize("per_program", PER_PROGRAM)
+def test_norm_matches_native_within_two_ulps(rows, cols, dtype, residual, per_program):
     x, r, w = _inputs(rows, cols, dtype, seed=rows * cols)
-    y, _, _, r_out = K.rms_norm_quant(x, w, 1e-6, residual=r if residual else None)
+    y, _, _, r_out = K.rms_norm_quant(x, w, 1e-6, residual=r if residual else None, rows_per_program=per_program)
     if residual:
         ref_y, ref_r = fused_add_rms_norm_native(x, r, w, 1e-6)
         assert torch.equal(r_out, ref_r)
@@ -77,12 +82,14 @@ def test_norm_matches_native_within_two_ulps(rows, cols, dtype, residual):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("x_scale, s", [(1.0, 0.01), (300.0, 0.001)], ids=["normal", "saturating"])
-def test_static_fp8_epilogue_is_bit_exact(rows, cols, dtype, residual, x_scale, s):
+@pytest.mark.parametrize("per_program", PER_PROGRAM)
+def test_static_fp8_epilogue_is_bit_exact(rows, cols, dtype, residual, x_scale, s, per_program):
     x, r, w = _inputs(rows, cols, dtype, seed=rows + cols, scale=x_scale)
     scale = torch.tensor([s], device=DEVICE)
     res = r if residual else None
     y, _, _, _ = K.rms_norm_quant(x, w, 1e-5, residual=res)
-    _, q, _, r_out = K.rms_norm_quant(x, w, 1e-5, residual=res, quant=K.QUANT_STATIC, scale=scale)
+    _, q, _, r_out = K.rms_norm_quant(x, w, 1e-5, residual=res, quant=K.QUANT_STATIC, scale=scale,
+                                      rows_per_program=per_program)
     assert_fp8_matches(q, static_scaled_fp8_quant_native(y, scale))
     if residual:
         assert torch.equal(r_out, x + r)
@@ -91,12 +98,19 @@ def test_static_fp8_epilogue_is_bit_exact(rows, cols, dtype, residual, x_scale, 
 @pytest.mark.parametrize("rows, cols", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ub", [None, 0.5])
-def test_dynamic_fp8_epilogue_is_bit_exact(rows, cols, dtype, ub):
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("per_program", PER_PROGRAM)
+def test_dynamic_fp8_epilogue_is_bit_exact(rows, cols, dtype, ub, residual, per_program):
     x, r, w = _inputs(rows, cols, dtype, seed=3 * rows + cols)
     x[0] *= 1e-6  # a near-zero row exercises the scale floor
     scale_ub = torch.tensor([ub], device=DEVICE) if ub is not None else None
-    y, _, _, _ = K.rms_norm_quant(x, w, 1e-5, residual=r)
-    _, q, s, _ = K.rms_norm_quant(x, w, 1e-5, residual=r, quant=K.QUANT_DYNAMIC, scale_ub=scale_ub)
+    res = r if residual else None
+    y, _, _, r_ref = K.rms_norm_quant(x, w, 1e-5, residual=res)
+    _, q, s, r_out = K.rms_norm_quant(x, w, 1e-5, residual=res, quant=K.QUANT_DYNAMIC, scale_ub=scale_ub,
+                                      rows_per_program=per_program)
+    assert s.shape == (rows, 1) and (r_out is None) == (not residual)
+    if residual:
+        assert torch.equal(r_out, r_ref)
     ref_q, ref_s = dynamic_per_token_fp8_quant_native(y, scale_ub)
     same = (s == ref_s).squeeze(-1)
     if DEVICE == "cpu":
@@ -106,6 +120,52 @@ def test_dynamic_fp8_epilogue_is_bit_exact(rows, cols, dtype, ub):
         torch.testing.assert_close(s, ref_s, rtol=2 ** -7, atol=0)
     # Rows are picked from the codes as bytes: torch 2.9 cannot index float8 tensors on CPU.
     assert_fp8_matches(_bytes(q)[same], _bytes(ref_q)[same])
+
+
+@pytest.mark.parametrize("rows, cols", SHAPES)
+@pytest.mark.parametrize("quant", [K.QUANT_NONE, K.QUANT_STATIC, K.QUANT_DYNAMIC])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rows_per_program_changes_no_bit(rows, cols, quant, residual):
+    """Every output of a launch with several rows per program (and other warp counts)
+    equals the one-row launch's: bit for bit in the interpreter; compiled, each launch's
+    row sum follows its own register layout, so within DESIGN §2's tolerance."""
+    x, r, w = _inputs(rows, cols, torch.bfloat16, seed=5 * rows + cols)
+    kw = dict(residual=r if residual else None, quant=quant, scale=torch.tensor([0.02], device=DEVICE),
+              scale_ub=torch.tensor([1.5], device=DEVICE) if quant == K.QUANT_DYNAMIC else None)
+    ref_y, ref_q, ref_s, ref_r = K.rms_norm_quant(x, w, 1e-6, rows_per_program=1, num_warps=4, **kw)
+    for per_program, warps in ((2, None), (4, 8), (8, 16)):
+        y, q, s, r_out = K.rms_norm_quant(x, w, 1e-6, rows_per_program=per_program, num_warps=warps, **kw)
+        assert torch.equal(r_out, ref_r) if residual else r_out is None
+        if quant == K.QUANT_NONE:
+            assert q is None and s is None
+            assert torch.equal(y, ref_y) if DEVICE == "cpu" else _within_ulps(y, ref_y, 2)[0]
+            continue
+        assert y is None
+        same = torch.ones(rows, dtype=torch.bool, device=DEVICE)
+        if quant == K.QUANT_DYNAMIC:
+            same = (s == ref_s).squeeze(-1)
+            assert bool(same.all()) if DEVICE == "cpu" else float((~same).float().mean()) <= 0.01
+        else:
+            assert s is None
+        assert_fp8_matches(_bytes(q)[same], _bytes(ref_q)[same])
+
+
+def test_launch_heuristic():
+    # Many rows: one row per program and the measured warps rule (~32 elements a thread).
+    assert K.norm_launch(32768, 4096) == (4096, 1, 4)
+    assert K.norm_launch(32768, 8192) == (8192, 1, 8)
+    assert K.norm_launch(1, 5120) == (8192, 1, 8)
+    # Rows few for the GPU: several rows per program, a power of two, warps scaled with the tile.
+    for rows in (K._MULTI_ROW_MIN, 4096, K._MULTI_ROW_MAX):
+        for cols in (129, 4096, 5120, 8192):
+            block, per_program, warps = K.norm_launch(rows, cols)
+            assert block == triton.next_power_of_2(cols) and per_program > 1
+            assert per_program & (per_program - 1) == 0 and 1 <= warps <= 16
+    # Overrides win; rows per program must be a power of two.
+    assert K.norm_launch(32768, 4096, rows_per_program=4, num_warps=2) == (4096, 4, 2)
+    assert K.norm_launch(4096, 4096, rows_per_program=1) == (4096, 1, 4)
+    with pytest.raises(ValueError):
+        K.norm_launch(4096, 4096, rows_per_program=3)
 
 
 @triton.jit

@@ -1,10 +1,12 @@
 """RMSNorm, with or without the residual add, with an optional FP8 epilogue: one pass.
 
-One program per row: the row is read once (plus the residual), normalized in fp32,
-rounded to the model dtype and multiplied by the weight in it (DESIGN §2), then written
-as the model dtype, or quantized in registers and written as FP8 (static scale, or a
-per-row dynamic scale computed from the rounded row). The unfused and fused forms run
-the same code. Under Triton's interpreter that makes them agree bit for bit. Compiled,
+Each program normalizes a tile of ``ROWS`` rows (`norm_launch` picks it: several rows
+when rows are few for the GPU, one when they are many): a row is read once (plus the
+residual), normalized in fp32, rounded to the model dtype and multiplied by the weight
+in it (DESIGN §2), then written as the model dtype, or quantized in registers and
+written as FP8 (static scale, or a per-row dynamic scale computed from the rounded row).
+The unfused and fused forms run the same code (`rms_norm_rows`). Under Triton's
+interpreter that makes them agree bit for bit, whatever ``ROWS`` each uses. Compiled,
 the row sum's order follows the register layout the compiler picks per variant, so the
 normalized row of the FP8 variants can differ from the model-dtype variant's by one
 unit in the last place on rare elements, and a quantized element by one FP8 step (the
@@ -26,18 +28,46 @@ _MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
 
 
 @triton.jit
-def rms_norm_row(
-    x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EXACT_CASTS: tl.constexpr,
-):
-    """One row of (fused-add) RMSNorm in the model dtype; returns ``(y, offs, mask)``.
+def _row_sums(v, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr):
+    """Sums of a tile's rows, kept as broadcastable dims: ``[ROWS, 1]`` of a ``[ROWS, BLOCK]``
+    tile (``GROUP == 0``), ``[ROWS, 1, 1]`` of a ``[ROWS, G, GROUP]`` one."""
+    if GROUP == 0:
+        total = tl.sum(v, axis=1, keep_dims=True)
+    elif EXACT_CASTS:
+        # The interpreter sums with numpy, whose order follows the shape: summing the flat
+        # row keeps the 2-D tile's order, so fused group quant equals the unfused norm bit
+        # for bit. (Compiled, any tile's order is its register layout's anyway.)
+        flat = tl.sum(tl.reshape(v, (v.shape[0], v.shape[1] * v.shape[2])), axis=1)
+        total = tl.reshape(flat, (v.shape[0], 1, 1))
+    else:
+        total = tl.sum(tl.sum(v, axis=2, keep_dims=True), axis=1, keep_dims=True)
+    return total
 
-    Every norm kernel (this module's and the group-quant ones) calls this, so fused and
-    unfused forms round identically. Writes the residual sum when ``HAS_RESIDUAL``.
+
+@triton.jit
+def rms_norm_rows(
+    x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    """(Fused-add) RMSNorm of the rows ``rows`` (``[ROWS]`` int64) in the model dtype;
+    returns ``(y, offs, mask)`` of one tile.
+
+    The tile is ``[ROWS, BLOCK]`` when ``GROUP == 0``, else ``[ROWS, BLOCK // GROUP, GROUP]``
+    (each row as its quant groups, so a group's max is a plain reduction over axis 2).
+    Rows from ``n_rows`` on and columns from ``n_cols`` on are masked and hold 0. Every
+    norm kernel (this module's, the group-quant and all-reduce ones) calls this, so fused
+    and unfused forms round identically. Writes the residual sum when ``HAS_RESIDUAL``.
     """
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    offs = row * n_cols + cols
+    if GROUP == 0:
+        row_cols = tl.arange(0, BLOCK)
+        r = rows[:, None]
+    else:
+        row_cols = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        r = rows[:, None, None]
+    cols = tl.expand_dims(row_cols, 0)
+    col_mask = cols < n_cols
+    mask = (r < n_rows) & col_mask
+    offs = r * n_cols + cols
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     dtype = x.dtype
     # Model-dtype arithmetic is done in fp32 and rounded once: the same value as a
@@ -49,23 +79,40 @@ def rms_norm_row(
         xf = round_to(xf + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EXACT_CASTS)
         tl.store(res_out_ptr + offs, xf, mask=mask)
         xf = xf.to(tl.float32)
-    var = tl.div_rn(tl.sum(xf * xf, axis=0), n_cols.to(tl.float32))
+    var = tl.div_rn(_row_sums(xf * xf, GROUP, EXACT_CASTS), n_cols.to(tl.float32))
     rstd = 1.0 / tl.sqrt_rn(var + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # The weight is loaded at the tile's shape (re-read per row, from L1): a [1, BLOCK]
+    # load gets a register layout of its own, and the compiler then moves the whole tile
+    # through shared memory to meet it (seen in the sm_90 TTGIR at ROWS > 1).
+    w_offs = tl.broadcast_to(cols, offs.shape)
+    w = tl.load(w_ptr + w_offs, mask=tl.broadcast_to(col_mask, offs.shape), other=0.0).to(tl.float32)
     y = round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)  # weight on the rounded norm
     return y, offs, mask
+
+
+@triton.jit
+def rms_norm_row(
+    x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    """`rms_norm_rows` of the one row ``row``, as ``[BLOCK]`` vectors ``(y, offs, mask)``
+    (for kernels that walk rows one at a time, as the all-reduce one)."""
+    y, offs, mask = rms_norm_rows(x_ptr, res_ptr, w_ptr, res_out_ptr, row + tl.arange(0, 1), row + 1, n_cols, eps,
+                                  HAS_RESIDUAL, BLOCK, 0, EXACT_CASTS)
+    return tl.reshape(y, (BLOCK,)), tl.reshape(offs, (BLOCK,)), tl.reshape(mask, (BLOCK,))
 
 
 @triton.jit
 def _rms_norm_quant_kernel(
     x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr,
     y_ptr, res_out_ptr, q_ptr, row_scale_ptr,
-    n_cols, eps,
+    n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
-    EXACT_CASTS: tl.constexpr,
+    ROWS: tl.constexpr, EXACT_CASTS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y, offs, mask = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, eps, HAS_RESIDUAL, BLOCK, EXACT_CASTS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    y, offs, mask = rms_norm_rows(x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
+                                  HAS_RESIDUAL, BLOCK, 0, EXACT_CASTS)
     if QUANT == 0:
         tl.store(y_ptr + offs, y, mask=mask)
     else:
@@ -73,20 +120,50 @@ def _rms_norm_quant_kernel(
         if QUANT == 1:
             inv = tl.div_rn(1.0, tl.load(scale_ptr))
         else:
-            amax = tl.max(tl.where(mask, tl.abs(yf), 0.0), axis=0)
+            amax = tl.max(tl.where(mask, tl.abs(yf), 0.0), axis=1)
             if HAS_UB:
                 amax = tl.minimum(amax, tl.load(ub_ptr))
             s = tl.maximum(tl.div_rn(amax, FP8_MAX), _MIN_DYNAMIC_SCALE)  # exact division, as torch's
-            tl.store(row_scale_ptr + row, s)
-            inv = tl.div_rn(1.0, s)
+            tl.store(row_scale_ptr + rows, s, mask=rows < n_rows)
+            inv = tl.div_rn(1.0, s)[:, None]
         tl.store(q_ptr + offs, quantize_fp8(yf, inv, EXACT_CASTS), mask=mask)
 
 
-def _block(n_cols: int) -> tuple[int, int]:
+# Rows per program, from benchmarks/norm_rows_sweep.py on the H100 (RESULTS.md) -- NOT
+# YET MEASURED: these bounds and the tile size are placeholders for the sweep to set.
+# What is known: at ROWS = 1, 4096 rows x 4096/8192 columns reached only 72-81% of copy
+# bandwidth with static FP8, 65-76% with dynamic (too few rows per SM to hide latency),
+# 32768 rows 92-95%. So one row per
+# program when rows are many, ROWS > 1 from _MULTI_ROW_MIN to _MULTI_ROW_MAX rows; below
+# _MULTI_ROW_MIN (~8 rows per SM) more programs in flight is assumed to matter more.
+_MULTI_ROW_MIN, _MULTI_ROW_MAX = 1024, 16384
+_MULTI_ROW_TILE = 8192  # elements per program (ROWS x BLOCK) in the multi-row range
+_MAX_ROWS = 8
+
+
+def norm_launch(
+    rows: int, n_cols: int, rows_per_program: Optional[int] = None, num_warps: Optional[int] = None
+) -> tuple[int, int, int]:
+    """``(BLOCK, ROWS, num_warps)`` of a norm kernel over ``rows`` rows of ``n_cols``.
+
+    ``rows_per_program`` and ``num_warps`` override the heuristic (sweeps drive them).
+
+    Example:
+        >>> norm_launch(32768, 4096)
+        (4096, 1, 4)
+    """
     block = triton.next_power_of_2(n_cols)
-    # ~32 elements per thread: on the H100, 4 warps for 4096-wide rows ran at 94% of copy
-    # bandwidth where 16 warps ran at 71% (benchmarks/norm_warps.py, RESULTS.md).
-    return block, min(max(block // 1024, 1), 16)
+    if rows_per_program is None:
+        rows_per_program = 1
+        if _MULTI_ROW_MIN <= rows <= _MULTI_ROW_MAX:
+            rows_per_program = min(max(2, _MULTI_ROW_TILE // block), _MAX_ROWS)
+    elif rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
+        raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
+    # ~32 elements per thread: on the H100, 4 warps for 4096-wide rows (ROWS = 1, 32768
+    # rows) ran at 94% of copy bandwidth where 16 warps ran at 71% (benchmarks/norm_warps.py,
+    # RESULTS.md). Above ~128 elements per thread sm_90 spills registers.
+    warps = num_warps or min(max(rows_per_program * block // 1024, 1), 16)
+    return block, rows_per_program, warps
 
 
 def rms_norm_quant(
@@ -98,11 +175,13 @@ def rms_norm_quant(
     quant: int = QUANT_NONE,
     scale: Optional[torch.Tensor] = None,
     scale_ub: Optional[torch.Tensor] = None,
+    rows_per_program: Optional[int] = None,
     num_warps: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the kernel; returns ``(y, q, row_scales, residual_out)``, absent ones None.
 
     Inputs are validated by the ops that call this (contiguous, matching dtypes).
+    ``rows_per_program`` and ``num_warps`` override `norm_launch`'s choice.
 
     Example:
         >>> y, _, _, _ = rms_norm_quant(x, w, 1e-6)
@@ -116,16 +195,15 @@ def rms_norm_quant(
     res_out = torch.empty_like(x) if residual is not None else None
     if rows == 0:
         return y, q, row_scales, res_out
-    block, warps = _block(n_cols)
-    warps = num_warps or warps
+    block, per_program, warps = norm_launch(rows, n_cols, rows_per_program, num_warps)
     dummy = x  # pointer for arguments a constexpr branch never reads
-    _rms_norm_quant_kernel[(rows,)](
+    _rms_norm_quant_kernel[(triton.cdiv(rows, per_program),)](
         x, residual if residual is not None else dummy, weight,
         scale if scale is not None else dummy, scale_ub if scale_ub is not None else dummy,
         y if y is not None else dummy, res_out if res_out is not None else dummy,
         q if q is not None else dummy, row_scales if row_scales is not None else dummy,
-        n_cols, float(eps),
+        rows, n_cols, float(eps),
         HAS_RESIDUAL=residual is not None, QUANT=quant, HAS_UB=scale_ub is not None,
-        BLOCK=block, EXACT_CASTS=exact_casts(), num_warps=warps,
+        BLOCK=block, ROWS=per_program, EXACT_CASTS=exact_casts(), num_warps=warps,
     )
     return y, q, row_scales, res_out
