@@ -5,7 +5,9 @@ quant is bit exact against the native op. The fused kernels must quantize exactl
 the unfused kernels produce: their FP8 codes and scales equal the native group quant of
 the unfused kernel's output (RMSNorm: ``norm_quant``; SiLU-and-mul: ``activation``), bit
 for bit in the interpreter, and on the GPU up to DESIGN §2's one FP8 step on rare
-elements where a compiled row sum's order differs.
+elements where a compiled row sum's order differs. The fused norm kernel runs with the
+heuristic's rows per program and with tiles of 2 and 8 rows (over row counts that are
+not multiples of them), against the unfused kernel's default launch.
 """
 
 import pytest
@@ -71,12 +73,16 @@ def test_group_maximum_lands_on_the_fp8_limit(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("column_major", [False, True])
-def test_rms_norm_group_quant_quantizes_the_norm_kernels_output(shape, group_size, dtype, residual, column_major):
+@pytest.mark.parametrize("per_program", [None, 2, 8])
+def test_rms_norm_group_quant_quantizes_the_norm_kernels_output(shape, group_size, dtype, residual, column_major,
+                                                                 per_program):
     x = _x(shape, dtype, seed=3 * sum(shape), scale=3.0)
     g = torch.Generator().manual_seed(sum(shape))
     r = torch.randn(*shape, generator=g).to(dtype).to(DEVICE) if residual else None
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype).to(DEVICE)
-    q, s, r_out = G.rms_norm_group_fp8(x, w, 1e-6, group_size, column_major, residual=r)
+    if x.dim() > 1 and x.shape[0] > 2:
+        x[1, :group_size] *= 1e-9  # a group at the scale floor, in a tile with other rows
+    q, s, r_out = G.rms_norm_group_fp8(x, w, 1e-6, group_size, column_major, residual=r, rows_per_program=per_program)
     y, _, _, ref_r_out = N.rms_norm_quant(x, w, 1e-6, residual=r)  # the unfused kernel
     ref_q, ref_s = group_fp8_quant_native(y, group_size, column_major)
     _assert_same_layout(s, ref_s)

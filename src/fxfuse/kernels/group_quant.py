@@ -1,15 +1,17 @@
 """Per-token-group FP8 quantization, alone and as the epilogue of RMSNorm and SiLU-and-mul.
 
-Every kernel ends the same way (`_quantize_groups`): a tile of rows x groups is viewed
-as ``[rows, groups, group_size]``, each group's absolute maximum gives its scale by the
-per-token quant's rules (exact division, floor ``1 / (448 * 512)``), and the tile is
-quantized in registers. Scales are written through two strides, so the row-major and
-the column-major layouts cost the same.
+Every kernel ends the same way (`_group_codes`) on a ``[rows, groups, group_size]``
+tile: each group's absolute maximum gives its scale by the per-token quant's rules
+(exact division, floor ``1 / (448 * 512)``), and the tile is quantized in registers.
+Scales are written through two strides, so the row-major and the column-major layouts
+cost the same.
 
 - `group_fp8`: tiles of ``BLOCK_R`` rows x one group, over a 2-D grid.
-- `rms_norm_group_fp8`: one program per row, as ``norm_quant``'s kernel: the row (plus
-  the residual) is read once, normalized, rounded to the model dtype, multiplied by the
-  weight and rounded again, then quantized group by group.
+- `rms_norm_group_fp8`: ``ROWS`` rows per program, as ``norm_quant``'s kernel (its
+  `norm_launch` heuristic and its `rms_norm_rows`): the rows (plus the residual) are
+  loaded directly as ``[ROWS, groups, group_size]`` tiles, so no reshape sits between the
+  norm and the group max; read once, normalized, rounded to the model dtype, multiplied
+  by the weight and rounded again, then quantized group by group.
 - `silu_and_mul_group_fp8`: tiles of rows x one group of the output; gate and up are
   read once, ``silu(g) * u`` is rounded to the model dtype, then quantized.
 
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._rounding import FP8_MAX, exact_casts, quantize_fp8, round_to
-from .norm_quant import rms_norm_row
+from .norm_quant import norm_launch, rms_norm_rows
 
 _MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
 # Elements per program of the tiled kernels: enough work per program to stream at the
@@ -36,16 +38,23 @@ _TILE = 4096
 
 
 @triton.jit
-def _quantize_groups(y, q_ptr, q_offs, q_mask, s_ptr, s_offs, s_mask,
-                     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr):
-    """Quantize fp32 ``y`` ``[BLOCK_R, BLOCK_G * GROUP]`` group by group: ``q`` goes to
-    ``q_offs``, one scale per (row, group) to ``s_offs`` ``[BLOCK_R, BLOCK_G]``.
-    Masked-out elements of ``y`` must be 0, so they never raise a group's maximum."""
-    y3 = tl.reshape(y, (BLOCK_R, BLOCK_G, GROUP))
+def _group_codes(y3, s_ptr, s_offs, s_mask, EXACT_CASTS: tl.constexpr):
+    """FP8 codes of fp32 ``y3`` ``[R, G, GROUP]``, quantized group by group; one scale per
+    (row, group) goes to ``s_offs`` ``[R, G]``. Masked-out elements of ``y3`` must be 0,
+    so they never raise a group's maximum."""
     amax = tl.max(tl.abs(y3), axis=2)
     s = tl.maximum(tl.div_rn(amax, FP8_MAX), _MIN_DYNAMIC_SCALE)  # exact division, as torch's
     tl.store(s_ptr + s_offs, s, mask=s_mask)
-    q = quantize_fp8(y3, tl.div_rn(1.0, s)[:, :, None], EXACT_CASTS)
+    return quantize_fp8(y3, tl.div_rn(1.0, s)[:, :, None], EXACT_CASTS)
+
+
+@triton.jit
+def _quantize_groups(y, q_ptr, q_offs, q_mask, s_ptr, s_offs, s_mask,
+                     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr):
+    """Quantize fp32 ``y`` ``[BLOCK_R, BLOCK_G * GROUP]`` group by group (`_group_codes`
+    of its ``[BLOCK_R, BLOCK_G, GROUP]`` view): ``q`` goes to ``q_offs``, one scale per
+    (row, group) to ``s_offs`` ``[BLOCK_R, BLOCK_G]``."""
+    q = _group_codes(tl.reshape(y, (BLOCK_R, BLOCK_G, GROUP)), s_ptr, s_offs, s_mask, EXACT_CASTS)
     tl.store(q_ptr + q_offs, tl.reshape(q, (BLOCK_R, BLOCK_G * GROUP)), mask=q_mask)
 
 
@@ -67,17 +76,20 @@ def _group_fp8_kernel(
 @triton.jit
 def _rms_norm_group_fp8_kernel(
     x_ptr, res_ptr, w_ptr, res_out_ptr, q_ptr, s_ptr,
-    n_cols, eps, s_row_stride, s_group_stride,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr,
+    n_rows, n_cols, eps, s_row_stride, s_group_stride,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    EXACT_CASTS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y, offs, mask = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, eps, HAS_RESIDUAL, BLOCK, EXACT_CASTS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    # The tile comes as [ROWS, groups, GROUP]: each group's max is a reduction over axis 2.
+    y, offs, mask = rms_norm_rows(x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
+                                  HAS_RESIDUAL, BLOCK, GROUP, EXACT_CASTS)
     # n_cols is a multiple of GROUP, so a group is either wholly inside the row or wholly
-    # padding (zeros from the masked loads; its scale is not stored).
+    # padding (zeros from the masked loads; its scale is not stored), as are rows past n_rows.
     groups = tl.arange(0, BLOCK // GROUP)
-    s_offs = row * s_row_stride + groups * s_group_stride
-    _quantize_groups(y.to(tl.float32)[None, :], q_ptr, offs[None, :], mask[None, :],
-                     s_ptr, s_offs[None, :], (groups * GROUP < n_cols)[None, :], 1, BLOCK // GROUP, GROUP, EXACT_CASTS)
+    s_offs = rows[:, None] * s_row_stride + groups[None, :] * s_group_stride
+    s_mask = (rows < n_rows)[:, None] & (groups * GROUP < n_cols)[None, :]
+    tl.store(q_ptr + offs, _group_codes(y.to(tl.float32), s_ptr, s_offs, s_mask, EXACT_CASTS), mask=mask)
 
 
 @triton.jit
@@ -141,10 +153,13 @@ def rms_norm_group_fp8(
     column_major: bool = False,
     *,
     residual: Optional[torch.Tensor] = None,
+    rows_per_program: Optional[int] = None,
+    num_warps: Optional[int] = None,
 ):
     """RMSNorm (after the residual add if ``residual`` is given), then the group quant.
 
     Returns ``(q, scales, residual_out)`` (``residual_out`` None without ``residual``).
+    ``rows_per_program`` and ``num_warps`` override `norm_quant.norm_launch`'s choice.
 
     Example:
         >>> q, s, _ = rms_norm_group_fp8(x, w, 1e-6, 128)
@@ -154,12 +169,12 @@ def rms_norm_group_fp8(
     q, s, rows, s_row, s_group = _outputs(x, n_cols, group_size, column_major)
     res_out = torch.empty_like(x) if residual is not None else None
     if rows and n_cols:
-        block = triton.next_power_of_2(n_cols)
-        _rms_norm_group_fp8_kernel[(rows,)](
+        block, per_program, warps = norm_launch(rows, n_cols, rows_per_program, num_warps)
+        _rms_norm_group_fp8_kernel[(triton.cdiv(rows, per_program),)](
             x, residual if residual is not None else x, weight, res_out if res_out is not None else x, q, s,
-            n_cols, float(eps), s_row, s_group,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, GROUP=group_size, EXACT_CASTS=exact_casts(),
-            num_warps=min(max(block // 1024, 1), 16),  # ~32 elements per thread, as norm_quant
+            rows, n_cols, float(eps), s_row, s_group,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, GROUP=group_size, ROWS=per_program,
+            EXACT_CASTS=exact_casts(), num_warps=warps,
         )
     return q, s, res_out
 
