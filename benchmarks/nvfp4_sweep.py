@@ -64,7 +64,7 @@ def _ops():
         # the tile kernel's NVFP4 epilogue at its default tiles (the launch before the word kernel)
         rows, d = x.shape[0], x.shape[1] // 2
         y, sf = Q.nvfp4_outputs(rows, d, x.device)
-        block_r, block_d, warps = A._tiles(rows, d)
+        block_r, block_d, warps = A._tiles(rows, d, A.OUT_NVFP4)
         A._silu_and_mul_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_d))](
             x, gs, y, sf, rows, d, sf.shape[1],
             OUT=A.OUT_NVFP4, BLOCK_R=block_r, BLOCK_D=block_d, EXACT_CASTS=False, num_warps=warps,

@@ -61,7 +61,7 @@ def shape_rows(out: str, d: int, t: int, inductor, bandwidth: float, reps: int, 
     inductor(x, scale)  # compile (once per width: the token dim is dynamic) outside the timing
     rows = [dict(out=out, d=d, tokens=t, config=None, label="inductor", cold_copies=len(copies), floor_us=floor,
                  us=graph_us([lambda a=a: inductor(a, scale) for a in copies], reps=reps))]
-    default = A._tiles(t, d)
+    default = A._tiles(t, d, OUTS[out])
     for cfg in dict.fromkeys([default, *CONFIGS]):  # the default first, once
         try:
             same = torch.equal(A.silu_and_mul(x, OUTS[out], scale, config=cfg).view(torch.uint8), ref.view(torch.uint8))

@@ -151,19 +151,19 @@ def test_rows_per_program_changes_no_bit(rows, cols, quant, residual):
 
 
 def test_launch_heuristic():
-    # Many rows: one row per program and the measured warps rule (~32 elements a thread).
-    assert K.norm_launch(32768, 4096) == (4096, 1, 4)
-    assert K.norm_launch(32768, 8192) == (8192, 1, 8)
+    # One row per program at any row count; the measured warps rule (~32 elements a thread,
+    # half with the dynamic scale, twice with the residual, capped at 16).
+    for rows in (1, 4096, 32768):
+        assert K.norm_launch(rows, 4096) == (4096, 1, 4)
+        assert K.norm_launch(rows, 8192) == (8192, 1, 8)
+        assert K.norm_launch(rows, 4096, dynamic=True) == (4096, 1, 2)
+        assert K.norm_launch(rows, 4096, residual=True) == (4096, 1, 8)
+        assert K.norm_launch(rows, 8192, residual=True) == (8192, 1, 16)
     assert K.norm_launch(1, 5120) == (8192, 1, 8)
-    # Rows few for the GPU: several rows per program, a power of two, warps scaled with the tile.
-    for rows in (K._MULTI_ROW_MIN, 4096, K._MULTI_ROW_MAX):
-        for cols in (129, 4096, 5120, 8192):
-            block, per_program, warps = K.norm_launch(rows, cols)
-            assert block == triton.next_power_of_2(cols) and per_program > 1
-            assert per_program & (per_program - 1) == 0 and 1 <= warps <= 16
+    assert K.norm_launch(7, 129) == (256, 1, 1)
     # Overrides win; rows per program must be a power of two.
     assert K.norm_launch(32768, 4096, rows_per_program=4, num_warps=2) == (4096, 4, 2)
-    assert K.norm_launch(4096, 4096, rows_per_program=1) == (4096, 1, 4)
+    assert K.norm_launch(4096, 4096, rows_per_program=2) == (4096, 2, 8)
     with pytest.raises(ValueError):
         K.norm_launch(4096, 4096, rows_per_program=3)
 

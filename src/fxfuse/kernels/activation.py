@@ -21,9 +21,10 @@ from ._rounding import exact_casts, quantize_fp8, round_to
 from .quant import nvfp4_outputs
 
 OUT_NONE, OUT_FP8, OUT_NVFP4 = 0, 1, 2
-# Default tile of the NVFP4 word kernel (benchmarks/nvfp4_sweep.py times the alternatives):
-# up to _NVFP4_BLOCKS 16-element blocks of a row per program, rows added up to _NVFP4_TILE.
-_NVFP4_TILE, _NVFP4_BLOCKS, _NVFP4_WARPS = 256, 128, 4
+# Default tile of the NVFP4 word kernel: up to _NVFP4_BLOCKS 16-element blocks of a row per
+# program, rows added up to _NVFP4_TILE. One row of 128 blocks per program, 4 warps, was best
+# at every swept shape (benchmarks/nvfp4_sweep.py, H100, RESULTS.md).
+_NVFP4_TILE, _NVFP4_BLOCKS, _NVFP4_WARPS = 128, 128, 4
 
 
 @triton.jit
@@ -135,12 +136,21 @@ def _silu_and_mul_flat_kernel(
         tl.store(out_ptr + i, quantize_fp8(y.to(tl.float32), inv, EXACT_CASTS), mask=mask)
 
 
-def _tiles(rows: int, d: int) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_D, num_warps)``: the default launch (the NVFP4 epilogue's too).
-    ``benchmarks/silu_sweep.py`` times the alternatives (``FLAT`` included) per shape."""
+def _tiles(rows: int, d: int, out: int = OUT_NONE) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_D, num_warps)`` of the default launch, from
+    ``benchmarks/silu_sweep.py`` on the H100 (RESULTS.md, 2026-11-25, cold L2): a 1-row
+    tile of 1024 for few rows (more programs than the wide tiles give), else the flat
+    kernel, which reached 100-102% of copy bandwidth at 4096/32768 tokens where the 2-D
+    tiles reached 96% (1024 outputs a program for the model dtype, 2048 for FP8). The
+    fp32 NVFP4 fallback keeps its 2-D tiles (its epilogue needs whole rows of blocks).
+    """
     block_d = min(1024, triton.next_power_of_2(d))
-    block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
-    return block_r, block_d, 4 if block_r * block_d <= 2048 else 8
+    if out == OUT_NVFP4:
+        block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
+        return block_r, block_d, 4 if block_r * block_d <= 2048 else 8
+    if rows <= (16 if out == OUT_NONE else 256):
+        return 1, block_d, 4
+    return FLAT, 1024 if out == OUT_NONE else 2048, 4
 
 
 def _launch_flat(x, scale, y, rows: int, d: int, out: int, xblock: int, warps: int) -> None:
@@ -179,7 +189,7 @@ def silu_and_mul(x: torch.Tensor, out: int = OUT_NONE, scale: torch.Tensor | Non
     if config is not None and out == OUT_NVFP4:
         raise ValueError("silu_and_mul: `config` overrides the OUT_NONE and OUT_FP8 launches only")
     if rows and d:
-        block_r, block_d, warps = config or _tiles(rows, d)
+        block_r, block_d, warps = config or _tiles(rows, d, out)
         if block_r == FLAT:
             _launch_flat(x, scale, y, rows, d, out, block_d, warps)
             return y

@@ -261,12 +261,14 @@ def tma_possible(key_cache: torch.Tensor, block_n: int, interpreted_ok: bool = F
     return hardware and aligned and bs % block_n == 0
 
 
-def _config(g_pad: int, head_size: int, decode: bool, max_query_len: int) -> tuple[int, int, int, int]:
+def _config(g_pad: int, head_size: int, decode: bool, max_query_len: int, tma: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from benchmarks/attention_sweep.py on the
-    H100 (head size 128, 4 query heads per KV head; RESULTS.md)."""
+    H100 (head size 128, 4 query heads per KV head; RESULTS.md). With bulk copies (``tma``:
+    64-slot pages) 64x64 tiles, 4 warps, 2 stages led at both prefill shapes (79% / 77% of
+    SDPA); 128-row tiles with 4 warps and a bulk-copied query spilled (52-56%)."""
     if decode:
         return max(16, g_pad), 64, 2, 3
-    if head_size > 128:
+    if tma or head_size > 128:
         return max(64, g_pad), 64, 4, 2
     if max_query_len >= 4096:
         return max(128, g_pad), 128, 8, 3
@@ -298,8 +300,9 @@ def paged_attention(
     ``OUT_NONE`` (``output`` in the model dtype), ``OUT_FP8`` (fp8 ``output``,
     ``output_scale`` the dequant scale), ``OUT_NVFP4`` (``output`` uint8 [T, Hq * D / 2],
     ``output_block_scale`` the swizzled scales, ``output_scale`` the global scale; the
-    scale padding is zeroed here). ``splits``, ``config`` and ``tma`` override the
-    heuristics (``tma=True`` where :func:`tma_possible` is false is an error).
+    scale padding is zeroed here). ``splits``, ``config``, ``tma`` (bulk copies of K/V)
+    and ``q_tma`` (of the query tile too) override the heuristics (``tma=True`` where
+    :func:`tma_possible` is false is an error).
 
     Example:
         >>> paged_attention(q, kc, vc, bt, seq_lens, qsl, 1, 4096, 128 ** -0.5, out)
@@ -312,7 +315,9 @@ def paged_attention(
     g = hq // hkv
     g_pad = triton.next_power_of_2(g)
     decode = max_query_len == 1
-    block_m, block_n, warps, stages = config or _config(g_pad, d, decode, max_query_len)
+    if config is None:
+        config = _config(g_pad, d, decode, max_query_len, tma is not False and tma_possible(key_cache, 64))
+    block_m, block_n, warps, stages = config
     n_splits = splits or num_splits(num_seqs, hkv, max_query_len, max_seq_len, query.device)
     kb_pad = 0
     if out == OUT_NVFP4:
@@ -329,7 +334,11 @@ def paged_attention(
         slots = key_cache.shape[0] * bs
         k_desc = TensorDescriptor.from_tensor(key_cache.view(slots, hkv * d), [block_n, d])
         v_desc = TensorDescriptor.from_tensor(value_cache.view(slots, hkv * d), [block_n, d])
-    q_tma = use_tma and g == g_pad and q_tma is not False and query.is_contiguous()
+    # A bulk-copied query tile pays where each warp holds at most 16 of its rows (the
+    # wgmma row block); at 32 rows a warp it spilled (H100 sweep, RESULTS.md).
+    if q_tma is None:
+        q_tma = block_m <= 16 * warps and not decode  # decode: one small load, not swept
+    q_tma = use_tma and q_tma and g == g_pad and query.is_contiguous()
     q_desc = TensorDescriptor.from_tensor(query, [block_m // g_pad, g, d]) if q_tma else query
     n_q_tiles = triton.cdiv(max_query_len, block_m // g_pad)
     part_o = part_lse = query  # placeholders the kernel never touches with NUM_SPLITS == 1

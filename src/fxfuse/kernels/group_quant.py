@@ -169,7 +169,8 @@ def rms_norm_group_fp8(
     q, s, rows, s_row, s_group = _outputs(x, n_cols, group_size, column_major)
     res_out = torch.empty_like(x) if residual is not None else None
     if rows and n_cols:
-        block, per_program, warps = norm_launch(rows, n_cols, rows_per_program, num_warps)
+        block, per_program, warps = norm_launch(rows, n_cols, rows_per_program, num_warps,
+                                                residual=residual is not None)
         _rms_norm_group_fp8_kernel[(triton.cdiv(rows, per_program),)](
             x, residual if residual is not None else x, weight, res_out if res_out is not None else x, q, s,
             rows, n_cols, float(eps), s_row, s_group,

@@ -1,7 +1,7 @@
 """RMSNorm, with or without the residual add, with an optional FP8 epilogue: one pass.
 
-Each program normalizes a tile of ``ROWS`` rows (`norm_launch` picks it: several rows
-when rows are few for the GPU, one when they are many): a row is read once (plus the
+Each program normalizes a tile of ``ROWS`` rows (`norm_launch` picks one: several rows
+per program measured slower on the H100 even at 4096 rows): a row is read once (plus the
 residual), normalized in fp32, rounded to the model dtype and multiplied by the weight
 in it (DESIGN §2), then written as the model dtype, or quantized in registers and
 written as FP8 (static scale, or a per-row dynamic scale computed from the rounded row).
@@ -129,40 +129,33 @@ def _rms_norm_quant_kernel(
         tl.store(q_ptr + offs, quantize_fp8(yf, inv, EXACT_CASTS), mask=mask)
 
 
-# Rows per program, from benchmarks/norm_rows_sweep.py on the H100 (RESULTS.md) -- NOT
-# YET MEASURED: these bounds and the tile size are placeholders for the sweep to set.
-# What is known: at ROWS = 1, 4096 rows x 4096/8192 columns reached only 72-81% of copy
-# bandwidth with static FP8, 65-76% with dynamic (too few rows per SM to hide latency),
-# 32768 rows 92-95%. So one row per
-# program when rows are many, ROWS > 1 from _MULTI_ROW_MIN to _MULTI_ROW_MAX rows; below
-# _MULTI_ROW_MIN (~8 rows per SM) more programs in flight is assumed to matter more.
-_MULTI_ROW_MIN, _MULTI_ROW_MAX = 1024, 16384
-_MULTI_ROW_TILE = 8192  # elements per program (ROWS x BLOCK) in the multi-row range
-_MAX_ROWS = 8
-
-
 def norm_launch(
-    rows: int, n_cols: int, rows_per_program: Optional[int] = None, num_warps: Optional[int] = None
+    rows: int, n_cols: int, rows_per_program: Optional[int] = None, num_warps: Optional[int] = None,
+    *, residual: bool = False, dynamic: bool = False,
 ) -> tuple[int, int, int]:
     """``(BLOCK, ROWS, num_warps)`` of a norm kernel over ``rows`` rows of ``n_cols``.
 
-    ``rows_per_program`` and ``num_warps`` override the heuristic (sweeps drive them).
+    One row per program, with warps by variant, from benchmarks/norm_rows_sweep.py on the
+    H100 (RESULTS.md, 2026-11-25): the best ROWS was 1 at 4096 and 32768 rows, both
+    widths, every variant (2-8 rows per program ran 3-35 points slower), and the best
+    warps were ~32 elements a thread (BLOCK / 1024), half that for the dynamic scale's
+    second reduction, twice that with the residual's second stream (capped at 16).
+    ``rows_per_program`` (a power of two; kept for such sweeps) and ``num_warps``
+    override the choice.
 
     Example:
         >>> norm_launch(32768, 4096)
         (4096, 1, 4)
+        >>> norm_launch(4096, 8192, residual=True)
+        (8192, 1, 16)
     """
     block = triton.next_power_of_2(n_cols)
     if rows_per_program is None:
         rows_per_program = 1
-        if _MULTI_ROW_MIN <= rows <= _MULTI_ROW_MAX:
-            rows_per_program = min(max(2, _MULTI_ROW_TILE // block), _MAX_ROWS)
     elif rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
         raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
-    # ~32 elements per thread: on the H100, 4 warps for 4096-wide rows (ROWS = 1, 32768
-    # rows) ran at 94% of copy bandwidth where 16 warps ran at 71% (benchmarks/norm_warps.py,
-    # RESULTS.md). Above ~128 elements per thread sm_90 spills registers.
-    warps = num_warps or min(max(rows_per_program * block // 1024, 1), 16)
+    per_warp = 512 if residual else 2048 if dynamic else 1024
+    warps = num_warps or min(max(rows_per_program * block // per_warp, 1), 16)
     return block, rows_per_program, warps
 
 
@@ -195,7 +188,8 @@ def rms_norm_quant(
     res_out = torch.empty_like(x) if residual is not None else None
     if rows == 0:
         return y, q, row_scales, res_out
-    block, per_program, warps = norm_launch(rows, n_cols, rows_per_program, num_warps)
+    block, per_program, warps = norm_launch(rows, n_cols, rows_per_program, num_warps,
+                                            residual=residual is not None, dynamic=quant == QUANT_DYNAMIC)
     dummy = x  # pointer for arguments a constexpr branch never reads
     _rms_norm_quant_kernel[(triton.cdiv(rows, per_program),)](
         x, residual if residual is not None else dummy, weight,

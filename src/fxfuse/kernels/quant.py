@@ -24,9 +24,10 @@ from ._rounding import FP8_MAX, exact_casts, quantize_fp8
 
 _MIN_DYNAMIC_SCALE = tl.constexpr(1.0 / (448.0 * 512.0))
 _MAX_ROW_BLOCK = 8192
-# Default NVFP4 word-kernel tile (benchmarks/nvfp4_sweep.py times the alternatives): up to
-# _NVFP4_BLOCKS blocks of a row per program, rows added up to _NVFP4_TILE blocks.
-_NVFP4_TILE, _NVFP4_BLOCKS, _NVFP4_WARPS = 256, 128, 4
+# Default NVFP4 word-kernel tile: up to _NVFP4_BLOCKS blocks of a row per program, rows
+# added up to _NVFP4_TILE blocks. One row of up to 256 blocks (4096 elements) per program,
+# 4 warps, was best at every swept shape (benchmarks/nvfp4_sweep.py, H100, RESULTS.md).
+_NVFP4_TILE, _NVFP4_BLOCKS, _NVFP4_WARPS = 256, 256, 4
 
 
 @triton.jit
@@ -128,7 +129,7 @@ def static_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def row_block(n_cols: int, limit: int = _MAX_ROW_BLOCK) -> tuple[int, int, int]:
     """(block, chunks, warps) for one program per row of ``n_cols`` elements."""
     block = min(triton.next_power_of_2(max(n_cols, 1)), limit)
-    return block, triton.cdiv(n_cols, block), min(max(block // 1024, 1), 16)  # as norm_quant._block
+    return block, triton.cdiv(n_cols, block), min(max(block // 1024, 1), 16)  # as norm_quant.norm_launch
 
 
 def dynamic_fp8(x: torch.Tensor, scale_ub: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
