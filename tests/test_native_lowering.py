@@ -14,6 +14,7 @@ from fxfuse.passes.native_lowering import (
     prefers_inductor,
 )
 from fxfuse.ops.fused import rms_norm_static_fp8_quant_native
+from fxfuse.ops.group_quant import silu_and_mul_group_fp8_quant_native
 
 fx = torch.ops.fxfuse
 
@@ -49,6 +50,19 @@ def test_lowers_where_the_table_says_inductor_wins():
     out = gm(x, w, s)
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert torch.equal(out.view(torch.uint8), rms_norm_static_fp8_quant_native(x, w, s, 1e-6).view(torch.uint8))
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_lowers_a_group_op_whatever_its_group_size_and_layout(column_major):
+    x = torch.randn(5, 256, dtype=torch.bfloat16)  # the pattern was traced with groups of 64
+    gm = trace_graph(lambda x: fx.silu_and_mul_group_fp8_quant(x, 128, column_major), x)
+    assert native_lowering(_table("inductor", op="silu_and_mul_group_fp8_quant"))(gm) == 1
+    assert fx.silu_and_mul_group_fp8_quant.default not in targets(gm)
+    gm.recompile()
+    q, s = gm(x)
+    ref_q, ref_s = silu_and_mul_group_fp8_quant_native(x, 128, column_major)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(s, ref_s) and s.stride() == ref_s.stride()
 
 
 @pytest.mark.parametrize("table", [_table("kernel"), _table("inductor", device="NVIDIA Other GPU"),

@@ -24,6 +24,7 @@ import torch
 from ..fusion_pass import FusionPass
 from ..ops import activation as act
 from ..ops import fused as fu
+from ..ops import group_quant as gq
 from ..ops import norm as nm
 from ..ops import nvfp4 as nv
 from ..ops import quant as qu
@@ -65,6 +66,19 @@ LOWERINGS: dict[str, tuple[Callable, Callable, Callable[[], list]]] = {
                                       fu.silu_and_mul_static_fp8_quant_native, lambda: [_ACT2, scale()]),
     "silu_and_mul_nvfp4_quant": (lambda x, gs: fx.silu_and_mul_nvfp4_quant(x, gs), nv.silu_and_mul_nvfp4_quant_native,
                                  lambda: [activation(width=64), scale()]),
+    # Block-scaled FP8: group size (int) and scale layout (bool) are wildcards, one rule each.
+    "group_fp8_quant": (lambda x, g, cm: fx.group_fp8_quant(x, g, cm), gq.group_fp8_quant_native,
+                        lambda: [activation(width=128), 64, True]),
+    "rms_norm_group_fp8_quant": (
+        lambda x, w, eps, g, cm: fx.rms_norm_group_fp8_quant(x, w, eps, g, cm), gq.rms_norm_group_fp8_quant_native,
+        lambda: [activation(width=128), weight(width=128), 1e-6, 64, True]),
+    "fused_add_rms_norm_group_fp8_quant": (
+        lambda x, r, w, eps, g, cm: fx.fused_add_rms_norm_group_fp8_quant(x, r, w, eps, g, cm),
+        gq.fused_add_rms_norm_group_fp8_quant_native,
+        lambda: [activation(width=128), activation(width=128), weight(width=128), 1e-6, 64, True]),
+    "silu_and_mul_group_fp8_quant": (
+        lambda x, g, cm: fx.silu_and_mul_group_fp8_quant(x, g, cm), gq.silu_and_mul_group_fp8_quant_native,
+        lambda: [activation(width=256), 64, True]),
 }
 
 
