@@ -109,11 +109,12 @@ def test_attention_bench_reports_cold_and_warm_times(monkeypatch):
     for mod in (timing, attention):
         monkeypatch.setattr(mod, "l2_bytes", lambda: l2)
     monkeypatch.setattr(attention, "graph_us", fake_graph_us)
-    monkeypatch.setattr(attention, "DEVICE", "cpu")
+    # On a GPU machine the kernels run compiled on CUDA (the interpreter only serves CPU tensors).
+    monkeypatch.setattr(attention, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(attention, "PREFILL", ((1, 16),))
     monkeypatch.setattr(attention, "DECODE", ((2, 32),))
     torch.manual_seed(0)
-    res = attention.run(bandwidth=1e12, log=lambda *a: None)
+    res = attention.run(bandwidth=1e12, log=lambda *a: None, block=16)
     (pre,), (dec,) = res["prefill"], res["decode"]
     assert pre["cold_by"] == "copies" and pre["cold_copies"] >= 2
     assert pre["fxfuse_us"] == pre["cold_copies"] and pre["warm"] == dict(fxfuse_us=1.0, sdpa_us=1.0)
