@@ -134,3 +134,13 @@ def test_a_list_in_global_config_is_chained_after_the_fusion_passes():
     manager(gm.graph)
     assert log == ["a", "b"]
     assert manager.uuid() is not None
+
+
+def test_miss_reasons_survive_torch_29s_unformattable_failed_match():
+    # torch 2.9's constant-argument FailedMatch names {pattern} without passing it: str() of
+    # it raises KeyError. The miss log and explain must still give a reason (found by the
+    # version matrix on 2.9.1).
+    from fxfuse import diagnosis
+
+    failure = compat.FailedMatch("constant_args: {} {!r}!={pattern!r}", "mul", 2)
+    assert diagnosis._failed(failure) == "constant_args: mul 2!=<pattern>"

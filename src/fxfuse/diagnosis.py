@@ -121,7 +121,7 @@ def _candidates(variant: Variant, site: torch.fx.Node) -> list[torch.fx.Node]:
 
 def _extra_users(site: torch.fx.Node, end: torch.fx.Node, failure: Any) -> str:
     """For a ``multiple_users`` failure: the users outside the chain from ``site`` to ``end``."""
-    if "multiple_users" not in str(failure):
+    if "multiple_users" not in compat.failed_match_reason(failure):
         return ""
     chain = _between(site, end)
     extra = [f"{n.name} is also used by {u.name} ({_target_name(u)})"
@@ -171,5 +171,5 @@ def _target_name(node: torch.fx.Node) -> str:
 
 
 def _failed(m: Any) -> str:
-    text = str(m) or type(m).__name__
+    text = compat.failed_match_reason(m) or type(m).__name__  # str() of some raises on torch 2.9
     return text.replace("\n", " ")

@@ -482,7 +482,8 @@ class TracedRewrite:
             raise _Skip(f"pattern re-traced with the matched values gives {got}, the graph holds {want}")
         result = exact.match(match.output_nodes()[0])
         if not compat.is_match(result):
-            raise _Skip(f"pattern re-traced with the matched values does not match: {result}")
+            reason = compat.failed_match_reason(result)
+            raise _Skip(f"pattern re-traced with the matched values does not match: {reason}")
 
 
 def _commutative_nodes(gm: torch.fx.GraphModule) -> list[str]:
