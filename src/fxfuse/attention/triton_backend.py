@@ -31,8 +31,8 @@ class TritonAttentionBackend(AttentionBackend):
 
     def preferred_block_size(self, device: torch.device) -> Optional[int]:
         """64 on Hopper and newer GPUs: a 64-key tile then lies inside one page and is
-        fetched with one TMA bulk copy (prefill at 74-77% of SDPA on the H100, against
-        60-73% with 16-slot pages whose tiles are gathered row by row; RESULTS.md). The
+        fetched with one TMA bulk copy (prefill at 76-82% of SDPA on the H100, against
+        63-73% with 16-slot pages whose tiles are gathered row by row; RESULTS.md). The
         cost is fragmentation: a sequence's last page wastes up to 63 slots instead of
         15 (at Llama-3-8B shapes, 32 layers, up to 7.9 MiB of KV cache per sequence instead of 1.9 MiB).
         Any block size works; this is only the fast one.
