@@ -42,20 +42,18 @@ def block_scales(vmax, gs, EXACT_CASTS: tl.constexpr):
 
 @triton.jit
 def quantize_rows(v, gs, ROWS: tl.constexpr, COLS: tl.constexpr, EXACT_CASTS: tl.constexpr):
-    """NVFP4 of a tile ``v`` ``[ROWS, COLS]`` (COLS a multiple of 16; fp32 or a 16-bit
-    float, whose values are exact in fp32).
+    """NVFP4 of an fp32 tile ``v`` ``[ROWS, COLS]`` (COLS a multiple of 16).
 
     Returns ``(packed [ROWS, COLS // 2] uint8, scales [ROWS, COLS // 16] fp8)``; masked
-    elements must be 0 in ``v``. The reshapes go through shared memory, so they move the
-    narrowest types: ``v`` as given (attention passes its 16-bit output), codes as bytes.
+    elements must be 0 in ``v``.
     """
-    blocks = tl.reshape(v, (ROWS, COLS // 16, 16)).to(tl.float32)
+    blocks = tl.reshape(v, (ROWS, COLS // 16, 16))
     vmax = tl.max(tl.abs(blocks), axis=2)
     sf8, inv = block_scales(vmax, gs, EXACT_CASTS)
-    codes = e2m1_code(blocks, inv[:, :, None]).to(tl.uint8)  # = e2m1_codes(blocks * inv), half the work
+    codes = e2m1_code(blocks, inv[:, :, None])  # bit-equal to e2m1_codes(blocks * inv), half the work
     pairs = tl.reshape(codes, (ROWS, COLS // 2, 2))
     lo, hi = tl.split(pairs)
-    return lo | (hi << 4), sf8
+    return (lo | (hi << 4)).to(tl.uint8), sf8
 
 
 @triton.jit

@@ -49,8 +49,8 @@ def _store_output(
         tl.store(out_ptr + row[:, None] * D + d[None, :], quantize_fp8(y.to(tl.float32), inv, EXACT_CASTS),
                  mask=row_ok[:, None])
     else:
-        y = tl.where(row_ok[:, None], y, 0.0)  # the model dtype: half the bytes for quantize_rows' reshape
-        packed, sf8 = quantize_rows(y, tl.load(scale_ptr), ROWS, D, EXACT_CASTS)
+        yf = tl.where(row_ok[:, None], y.to(tl.float32), 0.0)
+        packed, sf8 = quantize_rows(yf, tl.load(scale_ptr), ROWS, D, EXACT_CASTS)
         half = tl.arange(0, D // 2)
         tl.store(out_ptr + row[:, None] * (D // 2) + half[None, :], packed, mask=row_ok[:, None])
         blocks = tl.arange(0, D // 16)
