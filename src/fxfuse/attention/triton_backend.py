@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import cuda_capability
 from .backend import AttentionBackend, AttentionLayer
 from .kv_cache import KVCache
 from .metadata import AttentionMetadata
@@ -37,7 +38,7 @@ class TritonAttentionBackend(AttentionBackend):
         15 (at Llama-3-8B shapes, 32 layers, up to 7.9 MiB of KV cache per sequence instead of 1.9 MiB).
         Any block size works; this is only the fast one.
         """
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        if device.type == "cuda" and cuda_capability(device)[0] >= 9:
             return 64
         return None
 

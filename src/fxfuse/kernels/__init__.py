@@ -24,6 +24,28 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def cuda_capability(device) -> tuple[int, int]:
+    """The compute capability of a CUDA ``device`` (a ``torch.device``, index or None for the
+    current one), asked of the driver once per device: launch paths call this per call.
+
+    Example:
+        >>> cuda_capability(torch.device("cuda", 0))
+        (9, 0)
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        device = device.index
+    return _capability(torch.cuda.current_device() if device is None else device)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def available(device_type: str) -> bool:
     """Whether kernels can run on tensors of ``device_type`` in this process."""
     if not triton_importable():

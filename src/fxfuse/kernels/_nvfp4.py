@@ -168,3 +168,26 @@ def quantize_word_halves(lo0, hi0, lo1, hi1, gs, EXACT_CASTS: tl.constexpr):
     b0 = e2m1_code(lo0, inv) | (e2m1_code(hi0, inv) << 4)
     b1 = e2m1_code(lo1, inv) | (e2m1_code(hi1, inv) << 4)
     return b0.to(tl.uint8), b1.to(tl.uint8), sf8
+
+
+@triton.jit
+def word_tile(n_rows, n_blocks, ROWS: tl.constexpr, BLOCKS: tl.constexpr):
+    """This program's ``ROWS`` x ``BLOCKS`` tile of a word kernel's grid: ``(rows64, blocks,
+    ok, words)``, where ``words`` [ROWS, BLOCKS, 4] are the offsets of words 0-3 of each
+    block in a row-major array of 8 words (16 elements of output, 8 bytes) per block, which
+    is both the input layout of the quant kernel and the output layout of every word kernel."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    ok = (rows[:, None] < n_rows) & (blocks[None, :] < n_blocks)
+    rows64 = rows.to(tl.int64)
+    words = (rows64[:, None] * (8 * n_blocks) + blocks[None, :] * 8)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    return rows64, blocks, ok, words
+
+
+@triton.jit
+def store_word_tile(q_ptr, sf_ptr, words, rows64, blocks, ok, b0, b1, sf8, kb_pad):
+    """Store a word tile's packed bytes (``b0`` of words 0-3, ``b1`` of 4-7, at the offsets
+    `word_tile` gave) and its block scales in the swizzled layout."""
+    tl.store(q_ptr + words, b0, mask=ok[:, :, None])
+    tl.store(q_ptr + words + 4, b1, mask=ok[:, :, None])
+    tl.store(sf_ptr + swizzled_offset_bits(rows64[:, None], blocks[None, :], kb_pad), sf8, mask=ok)

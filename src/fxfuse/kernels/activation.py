@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ._nvfp4 import (
-    check_word_config, quantize_rows, quantize_word_halves, split_words, swizzled_offset, swizzled_offset_bits,
-    word_kind, word_tiles,
+    check_word_config, quantize_rows, quantize_word_halves, split_words, swizzled_offset,
+    store_word_tile, word_kind, word_tile, word_tiles,
 )
 from ._rounding import exact_casts, quantize_fp8, round_to
 from .quant import nvfp4_outputs
@@ -84,23 +84,16 @@ def _silu_and_mul_nvfp4_kernel(
 ):
     # w: the input as int32 words [n_rows, 16 * n_blocks], gate words then up words;
     # q: [n_rows, 8 * n_blocks] bytes, one per word of the output.
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-    ok = (rows[:, None] < n_rows) & (blocks[None, :] < n_blocks)
+    rows64, blocks, ok, out_offs = word_tile(n_rows, n_blocks, ROWS, BLOCKS)
     mask = ok[:, :, None]
-    rows64 = rows.to(tl.int64)
-    j = tl.arange(0, 4)[None, None, :]
-    in_offs = (rows64[:, None] * (16 * n_blocks) + blocks[None, :] * 8)[:, :, None] + j
+    in_offs = out_offs + (rows64 * (8 * n_blocks))[:, None, None]  # a row of input is two of output
     up = 8 * n_blocks
     lo0, hi0 = _silu_mul_rounded(tl.load(w_ptr + in_offs, mask=mask, other=0),
                                  tl.load(w_ptr + in_offs + up, mask=mask, other=0), KIND, EXACT_CASTS)
     lo1, hi1 = _silu_mul_rounded(tl.load(w_ptr + in_offs + 4, mask=mask, other=0),
                                  tl.load(w_ptr + in_offs + (up + 4), mask=mask, other=0), KIND, EXACT_CASTS)
     b0, b1, sf8 = quantize_word_halves(lo0, hi0, lo1, hi1, tl.load(gs_ptr), EXACT_CASTS)
-    out_offs = (rows64[:, None] * (8 * n_blocks) + blocks[None, :] * 8)[:, :, None] + j
-    tl.store(q_ptr + out_offs, b0, mask=mask)
-    tl.store(q_ptr + out_offs + 4, b1, mask=mask)
-    tl.store(sf_ptr + swizzled_offset_bits(rows64[:, None], blocks[None, :], kb_pad), sf8, mask=ok)
+    store_word_tile(q_ptr, sf_ptr, out_offs, rows64, blocks, ok, b0, b1, sf8, kb_pad)
 
 
 #: ``BLOCK_R`` of a launch config that selects `_silu_and_mul_flat_kernel` (``BLOCK_D`` is its XBLOCK).

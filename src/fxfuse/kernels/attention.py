@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import interpreted
+from . import cuda_capability, interpreted
 from ._nvfp4 import quantize_rows, swizzled_offset
 from ._rounding import exact_casts, quantize_fp8, round_to
 from .quant import zero_scale_padding
@@ -255,7 +255,7 @@ def tma_possible(key_cache: torch.Tensor, block_n: int, interpreted_ok: bool = F
     row_bytes = hkv * d * key_cache.element_size()
     aligned = key_cache.is_contiguous() and row_bytes % 16 == 0 and key_cache.data_ptr() % 16 == 0
     if key_cache.device.type == "cuda":
-        hardware = torch.cuda.get_device_capability(key_cache.device)[0] >= 9
+        hardware = cuda_capability(key_cache.device)[0] >= 9
     else:
         hardware = interpreted_ok and interpreted()
     return hardware and aligned and bs % block_n == 0

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ._nvfp4 import (
-    check_word_config, quantize_rows, quantize_word_halves, split_words, swizzled_offset, swizzled_offset_bits,
-    word_kind, word_tiles,
+    check_word_config, quantize_rows, quantize_word_halves, split_words, swizzled_offset,
+    store_word_tile, word_kind, word_tile, word_tiles,
 )
 from ._rounding import FP8_MAX, exact_casts, quantize_fp8
 
@@ -97,17 +97,11 @@ def _nvfp4_words_kernel(
 ):
     # w: the input as int32 words [n_rows, 8 * n_blocks]; a word's packed byte has the
     # word's own offset in q, so one offset tile serves the loads and the stores.
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-    ok = (rows[:, None] < n_rows) & (blocks[None, :] < n_blocks)
-    rows64 = rows.to(tl.int64)
-    offs = (rows64[:, None] * (8 * n_blocks) + blocks[None, :] * 8)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    rows64, blocks, ok, offs = word_tile(n_rows, n_blocks, ROWS, BLOCKS)
     lo0, hi0 = split_words(tl.load(w_ptr + offs, mask=ok[:, :, None], other=0), KIND)
     lo1, hi1 = split_words(tl.load(w_ptr + offs + 4, mask=ok[:, :, None], other=0), KIND)
     b0, b1, sf8 = quantize_word_halves(lo0, hi0, lo1, hi1, tl.load(gs_ptr), EXACT_CASTS)
-    tl.store(q_ptr + offs, b0, mask=ok[:, :, None])
-    tl.store(q_ptr + offs + 4, b1, mask=ok[:, :, None])
-    tl.store(sf_ptr + swizzled_offset_bits(rows64[:, None], blocks[None, :], kb_pad), sf8, mask=ok)
+    store_word_tile(q_ptr, sf_ptr, offs, rows64, blocks, ok, b0, b1, sf8, kb_pad)
 
 
 def static_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

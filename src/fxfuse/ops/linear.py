@@ -6,11 +6,11 @@ through ``torch._scaled_mm`` (FP8 tensor cores, fp32 accumulation) whenever its 
 rules allow; everywhere else, and for shapes it rejects, the float reference below runs.
 """
 
-import functools
 from typing import Optional
 
 import torch
 
+from ..kernels import cuda_capability
 from . import _validate as V
 
 OP = "fp8_linear"
@@ -119,18 +119,13 @@ def fp8_linear_out_shape(x_q: torch.Tensor, w_q: torch.Tensor) -> tuple:
 # --------------------------------------------------------------------------- torch._scaled_mm path
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def _scaled_mm_applies(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether ``torch._scaled_mm`` takes this problem: FP8 tensor cores (sm89+), in/out
     dims divisible by 16, and for per-token scales bf16 output unless on sm90+ (seen
     working for bf16, fp16 and fp32 outputs on an H100 with torch 2.11)."""
     if x_q.device.type != "cuda":
         return False
-    capability = _cuda_capability(x_q.device.index if x_q.device.index is not None else torch.cuda.current_device())
+    capability = cuda_capability(x_q.device)
     if capability < (8, 9):
         return False
     n, k = w_q.shape
