@@ -39,6 +39,28 @@ def cuda_capability(device) -> tuple[int, int]:
     return _capability(torch.cuda.current_device() if device is None else device)
 
 
+def num_sms(device) -> int:
+    """Multiprocessors of a CUDA ``device`` (asked once per device); 8 elsewhere (Triton's
+    interpreter), so persistent grids still loop there.
+
+    Example:
+        >>> num_sms(torch.device("cuda", 0))  # an H100 SXM
+        132
+    """
+    import torch
+
+    if device.type != "cuda":
+        return 8
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
     import torch
