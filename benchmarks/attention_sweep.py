@@ -1,6 +1,6 @@
 """Sweep the paged attention kernel on the H100: KV block size x TMA x tile config.
 
-Usage: python benchmarks/attention_sweep.py [--json out.json] [--quick]
+Usage: python benchmarks/attention_sweep.py [--json out.json] [--quick] [--cases 0,6,9]
 
 Prefill (32 query / 8 KV heads, head size 128, bf16, causal, shuffled pages) at 1x4096
 and 4x2048 for KV block sizes 16 (pointer gathers only: a 64-key tile spans 4 pages) and
@@ -24,7 +24,9 @@ HQ, HKV, D = 32, 8, 128
 PREFILL = ((1, 4096), (4, 2048))
 DECODE = ((64, 4096), (256, 1024))
 
-# (block size, tma, q_tma, (BLOCK_M, BLOCK_N, warps, stages)); the first is the BS-16 default.
+# (block size, tma, q_tma, (BLOCK_M, BLOCK_N, warps, stages)[, page_prefetch]); the first is
+# the BS-16 default. page_prefetch (default False here) reads the block table one tile ahead
+# of the bulk copies; 64-slot pages with (64, 64, 4, 3) and it are the kernel's default since the H200 sweep.
 # Tried before and dropped: 8-warp 128x64 and 256-row tiles (60-65% of SDPA), warp
 # specialization (no gain at 8 warps; Triton 3.6 fails to compile it at 4).
 PREFILL_CASES = [
@@ -33,6 +35,11 @@ PREFILL_CASES = [
     (64, True, False, (64, 64, 4, 3)), (64, True, True, (64, 64, 4, 3)),
     (64, True, True, (128, 64, 4, 2)), (64, True, True, (64, 64, 4, 2)),
     (128, True, True, (128, 64, 4, 3)), (128, True, True, (128, 128, 8, 2)),
+    (64, True, True, (64, 64, 4, 2), True), (64, True, True, (64, 64, 4, 3), True),
+    (128, True, True, (64, 64, 4, 2), True), (128, True, True, (64, 128, 4, 2), False),
+    (128, True, True, (64, 128, 4, 2), True), (128, True, True, (128, 128, 8, 2), True),
+    (64, True, True, (64, 64, 4, 4), True), (128, True, True, (64, 64, 4, 3), True),
+    (64, True, False, (64, 64, 4, 3), True), (64, True, True, (128, 64, 8, 3), True),
 ]
 DECODE_CASES = [
     (16, False, False, (16, 64, 2, 3)), (64, True, False, (16, 64, 2, 3)), (128, True, False, (16, 64, 2, 3)),
@@ -62,6 +69,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="first prefill shape and 4 cases only")
+    ap.add_argument("--cases", help="comma-separated indices into PREFILL_CASES to time (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("attention_sweep: needs a CUDA GPU; nothing measured")
@@ -73,11 +81,14 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name(), "prefill": [], "epilogue": [], "decode": []}
     shapes = PREFILL[:1] if args.quick else PREFILL
     cases = PREFILL_CASES[:4] if args.quick else PREFILL_CASES
+    if args.cases:
+        cases = [PREFILL_CASES[int(i)] for i in args.cases.split(",")]
 
     def attn(q, kc, vc, table, seq_lens, qsl, max_q, max_s, out, bs_case, mode=K.OUT_NONE, scale=None, sf=None):
-        _, tma, q_tma, cfg = bs_case
+        _, tma, q_tma, cfg = bs_case[:4]
+        prefetch = bs_case[4] if len(bs_case) > 4 else False
         return lambda: K.paged_attention(q, kc, vc, table, seq_lens, qsl, max_q, max_s, D ** -0.5, out, mode, scale,
-                                         sf, config=cfg, tma=tma, q_tma=q_tma)
+                                         sf, config=cfg, tma=tma, q_tma=q_tma, page_prefetch=prefetch)
 
     for seqs, n in shapes:
         flops = 4 * seqs * HQ * D * n * (n + 1) / 2
@@ -124,15 +135,18 @@ def main() -> int:
             qq = q.view(seqs, n, HQ, D).transpose(1, 2)
             own_ref = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
             err = (own_ref.transpose(1, 2).reshape_as(out).float() - out.float()).abs().max().item()
+            prefetch = case[4] if len(case) > 4 else False
             row = dict(seqs=seqs, tokens=n, block_size=bs, tma=case[1], q_tma=case[2], config=case[3],
-                       us=us, tflops=flops / us / 1e6, pct_sdpa=100 * t_sdpa / us, max_diff=err)
+                       page_prefetch=prefetch, us=us, tflops=flops / us / 1e6, pct_sdpa=100 * t_sdpa / us,
+                       max_diff=err)
             res["prefill"].append(row)
-            print(f"{seqs}x{n} bs{bs} tma={case[1]} q_tma={case[2]} {case[3]}: {us:8.1f} us {row['tflops']:6.1f} "
+            print(f"{seqs}x{n} bs{bs} tma={case[1]} q_tma={case[2]} prefetch={prefetch} {case[3]}: {us:8.1f} us "
+                  f"{row['tflops']:6.1f} "
                   f"TFLOP/s {row['pct_sdpa']:5.1f}% of SDPA, max diff {err:.3g}", flush=True)
         # epilogues for the 3 best cases of this shape
         best = sorted((r for r in res["prefill"] if r["seqs"] == seqs), key=lambda r: r["us"])[:3]
         for r in best:
-            case = (r["block_size"], r["tma"], r["q_tma"], r["config"])
+            case = (r["block_size"], r["tma"], r["q_tma"], r["config"], r["page_prefetch"])
             q, kc, vc, table, seq_lens, qsl = by_bs[r["block_size"]]
             out = torch.empty_like(q)
             s8 = torch.tensor([0.02], device="cuda")

@@ -127,9 +127,9 @@ def _stale_slots_nan(batch):
         cache.view(owned.shape[0], -1)[~owned] = float("nan")
 
 
-@pytest.mark.parametrize("q_tma", [False, None])
+@pytest.mark.parametrize("q_tma, page_prefetch", [(False, False), (None, False), (None, True)])
 @pytest.mark.parametrize("cfg", [(32, 16, 4, 2), (64, 32, 4, 2)], ids=["bm32-bn16", "bm64-bn32"])
-def test_tma_path_matches_reference_with_stale_slots(cfg, q_tma):
+def test_tma_path_matches_reference_with_stale_slots(cfg, q_tma, page_prefetch):
     # 32-slot pages hold whole key tiles; pages are shared by no two sequences, and the
     # slots past each sequence's end are NaN.
     batch = on_device(Batch(random_seqs(41, 32), num_heads=8, num_kv_heads=2, head_size=64, block_size=32,
@@ -141,14 +141,14 @@ def test_tma_path_matches_reference_with_stale_slots(cfg, q_tma):
     args = (batch.query.to(DEVICE), c.key_cache, c.value_cache, m.block_table, m.seq_lens, m.query_start_loc,
             m.max_query_len, m.max_seq_len, 64 ** -0.5)
     y = torch.empty(t, 8, 64, dtype=torch.bfloat16, device=DEVICE)
-    K.paged_attention(*args, y, config=cfg, tma=True, q_tma=q_tma)
+    K.paged_attention(*args, y, config=cfg, tma=True, q_tma=q_tma, page_prefetch=page_prefetch)
     torch.testing.assert_close(y.double().cpu(), batch.reference(), atol=ATOL[torch.bfloat16], rtol=0.02)
     y_gather = torch.empty_like(y)
     K.paged_attention(*args, y_gather, config=cfg, tma=False)
     assert torch.equal(y, y_gather)  # the same tiles in the same order: only the loads differ
     s = torch.tensor([0.02], device=DEVICE)
     q8 = torch.empty(t, 8, 64, dtype=FP8, device=DEVICE)
-    K.paged_attention(*args, q8, K.OUT_FP8, s, config=cfg, tma=True, q_tma=q_tma)
+    K.paged_attention(*args, q8, K.OUT_FP8, s, config=cfg, tma=True, q_tma=q_tma, page_prefetch=page_prefetch)
     assert torch.equal(q8.view(torch.uint8), static_scaled_fp8_quant_native(y, s).view(torch.uint8))
 
 

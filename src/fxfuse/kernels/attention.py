@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import cuda_capability, interpreted
+from . import cuda_capability, interpreted, num_sms
 from ._nvfp4 import quantize_rows, swizzled_offset
 from ._rounding import exact_casts, quantize_fp8, round_to
 from .quant import zero_scale_padding
@@ -60,9 +60,10 @@ def _store_output(
 
 @triton.jit
 def _attend_tile(
-    q, acc, m_i, l_i, start, k_cache, v_cache, k_desc, v_desc, bt_row, kvh, seq_len, qpos, qk_scale,
+    q, acc, m_i, l_i, start, page, k_cache, v_cache, k_desc, v_desc, bt_row, kvh, seq_len, qpos, qk_scale,
     HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, EXACT_CASTS: tl.constexpr,
+    MASKED: tl.constexpr, TMA: tl.constexpr, PAGE_PREFETCH: tl.constexpr, PRECISION: tl.constexpr,
+    EXACT_CASTS: tl.constexpr,
 ):
     pos = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
@@ -70,7 +71,9 @@ def _attend_tile(
     if TMA:
         # The tile lies inside one page (BS % BLOCK_N == 0, starts are BLOCK_N-aligned):
         # one bulk copy per operand from the [slots, Hkv * D] view of the cache.
-        slot = tl.load(bt_row + start // BS).to(tl.int32) * BS + start % BS
+        if not PAGE_PREFETCH:
+            page = tl.load(bt_row + start // BS).to(tl.int32)
+        slot = page * BS + start % BS
         k = tl.trans(k_desc.load([slot, kvh * D]))
     else:
         if MASKED:
@@ -122,7 +125,8 @@ def _paged_attention_kernel(
     qk_scale, bt_stride, kb_pad, n_q_tiles,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    OUT: tl.constexpr, TMA: tl.constexpr, Q_TMA: tl.constexpr, EXACT_CASTS: tl.constexpr, PRECISION: tl.constexpr,
+    OUT: tl.constexpr, TMA: tl.constexpr, Q_TMA: tl.constexpr, PAGE_PREFETCH: tl.constexpr,
+    EXACT_CASTS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PAD
     pid = tl.program_id(0)
@@ -168,14 +172,25 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # With PAGE_PREFETCH each iteration reads the next tile's page index from the block
+    # table, so a bulk copy's address never waits on a table load issued just before it.
+    page = tl.load(bt_row + lo // BS, mask=PAGE_PREFETCH and lo < hi, other=0).to(tl.int32)
     for start in range(lo, mid, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, k_cache, v_cache, k_desc, v_desc, bt_row, kvh,
-                                     seq_len, qpos, qk_scale, HKV, D, BS, BLOCK_N, False, TMA, PRECISION,
-                                     EXACT_CASTS)
+        if PAGE_PREFETCH:
+            next_page = tl.load(bt_row + (start + BLOCK_N) // BS, mask=start + BLOCK_N < hi, other=0).to(tl.int32)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, page, k_cache, v_cache, k_desc, v_desc, bt_row, kvh,
+                                     seq_len, qpos, qk_scale, HKV, D, BS, BLOCK_N, False, TMA, PAGE_PREFETCH,
+                                     PRECISION, EXACT_CASTS)
+        if PAGE_PREFETCH:
+            page = next_page
     for start in range(mid, hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, k_cache, v_cache, k_desc, v_desc, bt_row, kvh,
-                                     seq_len, qpos, qk_scale, HKV, D, BS, BLOCK_N, True, TMA, PRECISION,
-                                     EXACT_CASTS)
+        if PAGE_PREFETCH:
+            next_page = tl.load(bt_row + (start + BLOCK_N) // BS, mask=start + BLOCK_N < hi, other=0).to(tl.int32)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, page, k_cache, v_cache, k_desc, v_desc, bt_row, kvh,
+                                     seq_len, qpos, qk_scale, HKV, D, BS, BLOCK_N, True, TMA, PAGE_PREFETCH,
+                                     PRECISION, EXACT_CASTS)
+        if PAGE_PREFETCH:
+            page = next_page
 
     if NUM_SPLITS == 1:
         o = acc / l_i[:, None]
@@ -216,18 +231,6 @@ def _combine_splits_kernel(
     _store_output(o, tok, head, row_ok, out_ptr, sf_ptr, scale_ptr, kb_pad, HQ, D, G_PAD, MODEL_DTYPE, OUT, EXACT_CASTS)
 
 
-_NUM_SMS: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
-
-
 def num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, device: torch.device) -> int:
     """KV splits for a batch: >1 only for decode batches too small to fill the GPU.
 
@@ -236,7 +239,7 @@ def num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len
     if max_query_len != 1:
         return 1
     programs = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(2 * _num_sms(device), programs)
+    want = triton.cdiv(2 * num_sms(device), programs)
     return max(1, min(want, triton.cdiv(max_seq_len, 256), 32))
 
 
@@ -263,12 +266,16 @@ def tma_possible(key_cache: torch.Tensor, block_n: int, interpreted_ok: bool = F
 
 def _config(g_pad: int, head_size: int, decode: bool, max_query_len: int, tma: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from benchmarks/attention_sweep.py on the
-    H100 (head size 128, 4 query heads per KV head; RESULTS.md). With bulk copies (``tma``:
-    64-slot pages) 64x64 tiles, 4 warps, 2 stages led at both prefill shapes (79% / 77% of
-    SDPA); 128-row tiles with 4 warps and a bulk-copied query spilled (52-56%)."""
+    H100 and H200 (head size 128, 4 query heads per KV head; RESULTS.md). With bulk copies
+    (``tma``: 64-slot pages) and the block table read a tile ahead, 64x64 tiles, 4 warps,
+    3 stages led at both prefill shapes on the H200 (87% / 85% of SDPA; 2 stages, or 3
+    without the early table read, 77-79%); 128-row tiles with 4 warps and a bulk-copied
+    query spilled (52-56%)."""
     if decode:
         return max(16, g_pad), 64, 2, 3
-    if tma or head_size > 128:
+    if tma:
+        return max(64, g_pad), 64, 4, 3
+    if head_size > 128:
         return max(64, g_pad), 64, 4, 2
     if max_query_len >= 4096:
         return max(128, g_pad), 128, 8, 3
@@ -293,6 +300,7 @@ def paged_attention(
     config: Optional[tuple[int, int, int, int]] = None,
     tma: Optional[bool] = None,
     q_tma: Optional[bool] = None,
+    page_prefetch: Optional[bool] = None,
 ) -> None:
     """Causal attention of ``query`` [T, Hq, D] over the paged cache, written into ``output``.
 
@@ -301,7 +309,8 @@ def paged_attention(
     ``output_scale`` the dequant scale), ``OUT_NVFP4`` (``output`` uint8 [T, Hq * D / 2],
     ``output_block_scale`` the swizzled scales, ``output_scale`` the global scale; the
     scale padding is zeroed here). ``splits``, ``config``, ``tma`` (bulk copies of K/V)
-    and ``q_tma`` (of the query tile too) override the heuristics (``tma=True`` where
+    and ``q_tma`` (of the query tile too) and ``page_prefetch`` (block-table reads one
+    tile ahead of the bulk copies) override the heuristics (``tma=True`` where
     :func:`tma_possible` is false is an error).
 
     Example:
@@ -324,6 +333,8 @@ def paged_attention(
         kb_pad = output_block_scale.shape[1]
         zero_scale_padding(output_block_scale, num_tokens, hq * d // 16)
     use_tma = tma_possible(key_cache, block_n) if tma is None else tma
+    if page_prefetch is None:
+        page_prefetch = not decode  # with 3 stages it let the bulk copies run ahead (H200 sweep)
     if use_tma and not tma_possible(key_cache, block_n, interpreted_ok=True):
         raise ValueError(
             f"paged_attention: tma=True needs KV pages holding whole key tiles (block size {bs} is not a "
@@ -353,7 +364,8 @@ def paged_attention(
         output, sf_arg, scale_arg, part_o, part_lse,
         scale * _LOG2E, block_table.stride(0), kb_pad, n_q_tiles,
         HQ=hq, HKV=hkv, G=g, G_PAD=g_pad, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_SPLITS=n_splits, OUT=out, TMA=use_tma, Q_TMA=q_tma, EXACT_CASTS=exact_casts(), PRECISION=precision,
+        NUM_SPLITS=n_splits, OUT=out, TMA=use_tma, Q_TMA=q_tma, PAGE_PREFETCH=bool(use_tma and page_prefetch),
+        EXACT_CASTS=exact_casts(), PRECISION=precision,
         num_warps=warps, num_stages=stages,
     )
     if n_splits > 1:
