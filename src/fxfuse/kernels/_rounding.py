@@ -61,16 +61,21 @@ def quantize_fp8(v, inv_scale, EXACT_CASTS: tl.constexpr):
 def round_to(v, dtype: tl.constexpr, EXACT_CASTS: tl.constexpr):
     """fp32 ``v`` cast to ``dtype`` (bf16, fp16 or fp32) rounding half to even.
 
-    bf16 is always rounded onto its grid explicitly, in fp32, so that the cast itself is
-    exact: besides the interpreter's truncation, a compiled kernel was seen folding a
-    ``.to(bf16).to(fp32)`` round trip away; three integer ops cost nothing measurable.
-    fp16 is rounded explicitly only under the interpreter: the general grid rounding it
-    needs (subnormals) measurably slowed the RMSNorm kernel on the H100.
+    Compiled, bf16 goes through the hardware's ``cvt.rn.bf16.f32`` as inline assembly:
+    a plain ``.to(bf16)`` was seen folded away with a ``.to(fp32)`` after it (a round trip
+    the compiler took for the identity), and the integer rounding that replaced it cost
+    four instructions an element, which bound the norm kernels on the H200 (RESULTS.md,
+    2026-12-03). Under the interpreter, whose casts truncate, bf16 (and fp16, with its
+    subnormals) are rounded onto their grid explicitly in fp32 so the cast is exact.
     """
     if dtype == tl.bfloat16:
-        bits = v.to(tl.int32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # keep the top 16 bits
-        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        if EXACT_CASTS:
+            bits = v.to(tl.int32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # keep the top 16 bits
+            return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        else:
+            return tl.inline_asm_elementwise("cvt.rn.bf16.f32 $0, $1;", "=h,r", [v], dtype=tl.bfloat16,
+                                             is_pure=True, pack=1)
     elif dtype == tl.float16 and EXACT_CASTS:
         return round_to_grid(v, 10, -14).to(tl.float16)  # past 65504 this rounds to 65536 -> inf, as the cast
     else:
