@@ -123,3 +123,29 @@ def test_attention_bench_reports_cold_and_warm_times(monkeypatch):
     assert all(r["cold_by"] == "copies" and "warm" in r for r in res["fused_quant"])
     assert dec["cold_by"] == "size" and dec["cold_copies"] == 1 and "warm" not in dec
     assert torch.isfinite(torch.tensor(dec["pct_bw"]))
+
+
+def test_write_choices_keeps_other_devices_entries(tmp_path):
+    """A table measured on a second GPU joins the shipped one instead of replacing it, and
+    the shipped table itself names each device's measurement."""
+    import json
+
+    from fxfuse.bench import write_choices
+    from fxfuse.passes.native_lowering import CHOICES_PATH, load_choices
+
+    shipped = load_choices(CHOICES_PATH)
+    assert set(shipped["devices"]) <= set(shipped["measured"])
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({"devices": {"GPU A": {"rms_norm": {"4096": {"16": "inductor"}}}},
+                                "measured": "2026-11-25, torch 2.11.0"}))  # the first format: one string
+    env = dict(date="2026-12-03", torch="2.11.0", triton="3.6.0")
+    write_choices(str(path), {"GPU B": {"rms_norm": {"4096": {"16": "kernel"}}}}, env)
+    table = json.loads(path.read_text())
+    assert table["devices"]["GPU A"]["rms_norm"]["4096"]["16"] == "inductor"
+    assert table["devices"]["GPU B"]["rms_norm"]["4096"]["16"] == "kernel"
+    assert table["measured"]["GPU A"] == "2026-11-25, torch 2.11.0"
+    assert table["measured"]["GPU B"].startswith("2026-12-03, torch 2.11.0, triton 3.6.0")
+    write_choices(str(path), {"GPU A": {"rms_norm": {"4096": {"16": "kernel"}}}}, env)  # a re-measurement replaces
+    assert json.loads(path.read_text())["devices"]["GPU A"]["rms_norm"]["4096"]["16"] == "kernel"
+    write_choices(str(tmp_path / "new.json"), {"GPU C": {}}, env)
+    assert set(json.loads((tmp_path / "new.json").read_text())["devices"]) == {"GPU C"}

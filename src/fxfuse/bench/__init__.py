@@ -46,12 +46,8 @@ def main(args: argparse.Namespace) -> int:
         tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else ops.TOKENS
         results["ops"] = ops.run(bw, tokens=tokens, only=tuple(args.ops.split(",")) if args.ops else ())
         if args.write_choices:
-            table = {"devices": ops.choices(results["ops"], results["device"]),
-                     "measured": f"{results['date']}, torch {results['torch']}, triton {results['triton']}, "
-                                 f"`fxfuse bench --only ops --write-choices`"}
-            with open(args.write_choices, "w") as f:
-                json.dump(table, f, indent=1, sort_keys=True)
-            print(f"kernel choices written to {args.write_choices}")
+            write_choices(args.write_choices, ops.choices(results["ops"], results["device"]), results)
+            print(f"kernel choices of {results['device']} written to {args.write_choices}")
     if "gemm" in sections:
         print("\nblock-scaled FP8 GEMM (block_fp8_linear vs torch._scaled_mm with per-tensor scales):")
         results["gemm"] = gemm.run(tokens=tuple(int(t) for t in args.tokens.split(",")) if args.tokens else gemm.TOKENS)
@@ -68,6 +64,29 @@ def main(args: argparse.Namespace) -> int:
     if args.png or args.json:
         print(plot(results, args.png or args.json.rsplit(".", 1)[0] + ".png"))
     return 0
+
+
+def write_choices(path: str, devices: dict, env: dict) -> None:
+    """Write the measured kernel-vs-Inductor table to ``path``; an existing table there
+    keeps its other devices' entries (each device's date and versions under ``measured``).
+
+    Example:
+        >>> write_choices("kernel_choices.json", {"NVIDIA H200": {...}}, environment())  # doctest: +SKIP
+    """
+    import os
+
+    table: dict = {"devices": {}, "measured": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+        if not isinstance(table.get("measured"), dict):  # one device's string, as first written
+            table["measured"] = {name: table.get("measured") for name in table.get("devices", {})}
+    stamp = f"{env['date']}, torch {env['torch']}, triton {env['triton']}, `fxfuse bench --only ops --write-choices`"
+    for name, entry in devices.items():
+        table.setdefault("devices", {})[name] = entry
+        table["measured"][name] = stamp
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
 
 
 def e2e_layers() -> int:
@@ -88,5 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated quant schemes of the end-to-end model (default: fp8,fp8-block)")
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--png", help="write the plot here (default: next to --json)")
-    p.add_argument("--write-choices", metavar="PATH", help="write the measured kernel-vs-Inductor table for native_lowering")
+    p.add_argument("--write-choices", metavar="PATH",
+                   help="write this device's measured kernel-vs-Inductor table for native_lowering into PATH "
+                        "(other devices' entries of an existing table are kept)")
     p.add_argument("--plot-from", metavar="JSON", help="only draw the plot of saved results")
