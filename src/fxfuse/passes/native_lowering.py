@@ -4,7 +4,7 @@ with its neighbours.
 
 Which is faster is measured, not guessed: ``fxfuse bench --write-choices PATH`` times
 each op's kernel against ``torch.compile`` of its native implementation per (token
-count, width) and writes the winners; the table measured on our H100 ships as
+count, width) and writes the winners; the tables measured on our H100 and H200 ship as
 ``kernel_choices.json`` beside this module. A node is lowered when its device's entry
 says Inductor wins for the node's width at its token count (nearest measured count), or,
 for a symbolic token count, at every measured count: one compiled graph serves them all.
