@@ -1,8 +1,9 @@
 """RMSNorm, with or without the residual add, with an optional FP8 epilogue: one pass.
 
 Each program normalizes a tile of ``ROWS`` rows (`norm_launch` picks one: several rows
-per program measured slower on the H100 even at 4096 rows): a row is read once (plus the
-residual), normalized in fp32, rounded to the model dtype and multiplied by the weight
+per program measured slower on the H100 even at 4096 rows; a persistent grid that walks
+the tiles, ``programs_per_sm``, won only one H200 case and is an option): a row is read
+once (plus the residual), normalized in fp32, rounded to the model dtype and multiplied by the weight
 in it (DESIGN §2), then written as the model dtype, or quantized in registers and
 written as FP8 (static scale, or a per-row dynamic scale computed from the rounded row).
 The unfused and fused forms run the same code (`rms_norm_rows`). Under Triton's
