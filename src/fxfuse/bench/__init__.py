@@ -1,4 +1,4 @@
-"""``fxfuse bench``: kernel, attention and end-to-end benchmarks on CUDA.
+"""``fxfuse bench``: kernel, attention, end-to-end and tensor-parallel benchmarks on CUDA.
 
 Prints tables, writes JSON (and a PNG plot when matplotlib is importable; ``fxfuse
 bench --plot-from RESULTS.json`` draws it later on any machine), and can write the
@@ -13,6 +13,9 @@ import json
 import sys
 
 import torch
+
+#: What a plain ``fxfuse bench`` runs; ``tp`` needs several GPUs, so only ``--only tp`` runs it.
+DEFAULT_SECTIONS = ("ops", "gemm", "attention", "e2e")
 
 
 def environment() -> dict:
@@ -30,13 +33,16 @@ def main(args: argparse.Namespace) -> int:
             results = json.load(f)
         print(plot(results, args.png or args.plot_from.rsplit(".", 1)[0] + ".png"))
         return 0
+    sections = args.only.split(",") if args.only else list(DEFAULT_SECTIONS)
+    if "tp" in sections and torch.cuda.device_count() < args.tp:
+        print(f"fxfuse bench --only tp: needs {args.tp} GPUs, found {torch.cuda.device_count()}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("fxfuse bench: needs a CUDA device (use --plot-from to draw saved results)", file=sys.stderr)
         return 2
-    from . import attention, e2e, gemm, ops
+    from . import attention, e2e, gemm, ops, tp
     from .timing import copy_bandwidth
 
-    sections = args.only.split(",") if args.only else ["ops", "gemm", "attention", "e2e"]
     results = dict(environment(), copy_bandwidth_GBps=copy_bandwidth() / 1e9)
     print(f"fxfuse bench on {results['device']}, torch {results['torch']}, triton {results['triton']}; "
           f"copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s; times are medians of CUDA-graph replays (us)")
@@ -57,6 +63,13 @@ def main(args: argparse.Namespace) -> int:
     if "e2e" in sections:
         print("\nend to end (Llama-3-8B layer shapes, FP8 and block-scaled FP8, triton attention, CUDA graphs):")
         results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")))
+    if "tp" in sections:
+        print(f"\ntensor parallel over {args.tp} GPUs: fused all-reduce + add + RMSNorm (+ FP8) vs NCCL "
+              "all-reduce + fxfuse's fused norm, bf16 partial sums (us):")
+        tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else tp.TOKENS
+        results["tp"] = tp.run(world_size=args.tp, tokens=tokens)
+        if not results["tp"]:
+            return 2
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -97,14 +110,17 @@ def e2e_layers() -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--only", help="comma-separated sections: ops,gemm,attention,e2e (default: all)")
+    p.add_argument("--only", help="comma-separated sections: ops,gemm,attention,e2e,tp "
+                                  "(default: all but tp, which needs --tp GPUs)")
     p.add_argument("--ops", help="comma-separated op names to benchmark (default: all)")
-    p.add_argument("--tokens", help="comma-separated token counts for the op and GEMM benchmarks "
-                                    "(default: 1,16,256,4096,32768 and 1,16,256,4096,16384)")
+    p.add_argument("--tokens", help="comma-separated token counts for the op, GEMM and tp benchmarks "
+                                    "(default: 1,16,256,4096,32768; 1,16,256,4096,16384; 1,16,256,2048,8192)")
     p.add_argument("--layers", type=int, default=e2e_layers(),
                    help="layers of the end-to-end model (default: all of Llama-3-8B's, %(default)s)")
     p.add_argument("--e2e-quant", default="fp8,fp8-block",
                    help="comma-separated quant schemes of the end-to-end model (default: fp8,fp8-block)")
+    p.add_argument("--tp", type=int, default=2, metavar="N",
+                   help="GPUs (ranks) of the tp section, one process each (default: %(default)s)")
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--png", help="write the plot here (default: next to --json)")
     p.add_argument("--write-choices", metavar="PATH",
