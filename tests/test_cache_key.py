@@ -116,6 +116,81 @@ def test_fxfuse_and_torch_versions_change_key(rewrite_module, monkeypatch, modul
     assert _uuid(mod) == base
 
 
+HELPED = textwrap.dedent(
+    '''
+    import torch, fxfuse
+    import fxfuse_keyhelp as helper
+
+    class Helped(fxfuse.Rewrite):
+        def pattern(self, x):
+            return x * 3
+        def replacement(self, x):
+            return helper.triple(x)
+        def example_inputs(self):
+            return [helper.example()]
+    '''
+)
+HELPER = textwrap.dedent(
+    '''
+    import torch, fxfuse
+
+    def triple(x):
+        return x + x + x
+
+    def example():
+        return fxfuse.TensorSpec((4, 4), torch.bfloat16)
+    '''
+)
+
+
+@pytest.fixture
+def helped(tmp_path, monkeypatch):
+    """A rewrite whose replacement and example inputs come from a helper module of its own
+    file: the rewrite's class and module are unchanged when only the helper is edited."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "fxfuse_keyhelped.py").write_text(HELPED)
+
+    def uuid(helper_source=HELPER):
+        (tmp_path / "fxfuse_keyhelp.py").write_text(helper_source)
+        for name in ("fxfuse_keyhelp", "fxfuse_keyhelped"):
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        return fxfuse.FusionPass("p", [importlib.import_module("fxfuse_keyhelped").Helped()]).uuid()
+
+    yield uuid
+    for name in ("fxfuse_keyhelp", "fxfuse_keyhelped"):
+        sys.modules.pop(name, None)
+
+
+def test_code_a_rewrite_calls_from_another_module_is_in_the_key(helped):
+    """A replacement that calls a function of another module (as native_lowering calls the
+    ops' native implementations) gives another graph when that function changes: the
+    compile must not be served the graph of the old code."""
+    base = helped()
+    assert helped() == base
+    assert helped(HELPER.replace("return x + x + x", "return x * 3")) != base  # another graph
+    assert helped(HELPER.replace("torch.bfloat16", "torch.float16")) != base  # patterns of another dtype
+    # An edit of the helper module that traces to the same graphs keeps the key (and the cache).
+    assert helped(HELPER.replace("def triple(x):", "def triple(x):  # x three times")) == base
+
+
+def test_graph_key_sees_ops_arguments_shapes_and_constants():
+    def key(fn, *shapes):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        with FakeTensorMode() as mode:
+            args = [mode.from_tensor(torch.empty(s)) for s in shapes]
+            return cache_key.graph_key(make_fx(fn)(*args))
+
+    base = key(lambda x: x * 2, (4, 4))
+    assert key(lambda x: x * 2, (4, 4)) == base
+    assert key(lambda x: x * 3, (4, 4)) != base
+    assert key(lambda x: x + 2, (4, 4)) != base
+    assert key(lambda x: x * 2, (4, 8)) != base
+    assert key(lambda x: x.sum(0), (4, 4)) != key(lambda x: x.sum(1), (4, 4))
+
+
 def test_chained_pass_without_uuid_disables_caching(rewrite_module):
     mod = rewrite_module()
     p = fxfuse.FusionPass("p", [mod.Scale()])

@@ -198,6 +198,72 @@ class _Fingerprinter:
             return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
+# -- keys from traced graphs -------------------------------------------------------------
+
+
+def graph_key(gm: torch.fx.GraphModule) -> str:
+    """A digest of what a traced graph computes: each node's op, target, arguments (other
+    nodes by position) and output shape and dtype, and the values of tensor constants.
+
+    The source rules above cover the rewrite's class and module; a pattern or replacement
+    also runs code from elsewhere (a native implementation in another module, a helper
+    that builds example inputs, a custom op's schema and defaults). Whatever that code is,
+    the graphs it traces to are what a compile gets, so their digest belongs in the key.
+    Node names and positions are deterministic for one trace; no addresses enter.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(lambda x: x * 2)
+        >>> len(graph_key(gm))
+        64
+    """
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    parts = []
+    for node in gm.graph.nodes:
+        args = _graph_value(node.args, index, gm)
+        kwargs = _graph_value(dict(node.kwargs), index, gm)
+        target = _graph_value(getattr(gm, node.target), index, gm) if node.op == "get_attr" else _target(node.target)
+        parts.append(f"{node.op} {target} {args} {kwargs} -> {_graph_value(node.meta.get('val'), index, gm)}")
+    return digest(parts)
+
+
+def _target(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
+        return str(target)
+    if module and name:
+        return f"{module}.{name}"
+    return type(target).__qualname__
+
+
+def _graph_value(value: Any, index: dict, gm: torch.fx.GraphModule) -> str:
+    if isinstance(value, torch.fx.Node):
+        return f"%{index[value]}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_graph_value(v, index, gm) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_graph_value(v, index, gm)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, slice):
+        return f"slice{_graph_value((value.start, value.stop, value.step), index, gm)}"
+    if isinstance(value, torch.Tensor):
+        if isinstance(value, torch._subclasses.FakeTensor) or value.device.type == "meta":
+            return f"tensor({value.dtype}, {list(value.shape)})"  # a traced value: its metadata is its identity
+        return stable_repr(value, "a tensor constant")
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(value)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str, bytes, enum.Enum)):
+        return repr(value)
+    if isinstance(value, torch.fx.GraphModule):  # a submodule a higher-order op calls
+        return graph_key(value)
+    if callable(value):
+        return _target(value)
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
 def rewrite_key(rewrite: Rewrite) -> str:
     """Class, class source, defining module's source, and parameters of one rewrite."""
     cls = type(rewrite)

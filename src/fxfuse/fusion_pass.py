@@ -146,13 +146,14 @@ class FusionPass:
             raise RewriteError(f"pass {self.name}: {rewrite!r} is not an fxfuse.Rewrite")
         rewrite = self._named(rewrite)
         self._state(rewrite)  # an unrepresentable cache_state() fails here, not inside Inductor
-        key = rewrite_key(rewrite)
         traced = TracedRewrite(rewrite, self.canonicalizations)
         for variant in traced.variants:
             _Entry(self, traced, variant).register(self._matcher)
         self.rewrites.append(rewrite)
         self._traced.append(traced)
-        self._keys.append(key)
+        # The source of what the rewrite is, and the graphs it traced to: code it runs
+        # from other modules (a native implementation, an op's schema) reaches the key.
+        self._keys.append(digest([rewrite_key(rewrite), traced.graphs_key()]))
 
     def _named(self, rewrite: Rewrite) -> Rewrite:
         qualified = repr(rewrite)

@@ -34,6 +34,7 @@ import torch
 import torch.fx
 
 from . import compat
+from .cache_key import digest, graph_key
 from .canonicalize import Canonicalization, canonicalize
 from .rewrite import Rewrite, RewriteError, TensorSpec
 
@@ -385,10 +386,20 @@ class TracedRewrite:
         needs = conv.ignored_shapes or any(a.kind in (int, bool) for a in self.args)
         return Variant(form, pattern, gm, needs, swaps)
 
+    def graphs_key(self) -> str:
+        """The digest of every search pattern and of the replacement as traced here, for the
+        cache key: it changes with any code the traces ran, wherever that code lives."""
+        parts = [f"{v.form} {sorted(v.swaps)} {graph_key(v.graph)}" for v in self.variants]
+        return digest([*parts, *(graph_key(gm) for gm in self._replacements)])
+
     def _check_replacement(self) -> None:
         values = self._trace_values()
+        self._replacements: list[torch.fx.GraphModule] = []
         for variant in self.variants:
+            if variant.swaps:  # a commuted variant shares its base's trace
+                continue
             repl = self._trace(self.rewrite.replacement, values, v2=variant.v2, what="replacement")
+            self._replacements.append(repl)
             want, got = output_metas(variant.graph), output_metas(repl)
             if len(want) != len(got):
                 raise RewriteError(
