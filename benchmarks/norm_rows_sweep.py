@@ -2,7 +2,7 @@
 kernels/norm_quant.py:norm_launch, which group_quant's norm kernel shares).
 
 Usage: python benchmarks/norm_rows_sweep.py [--json out.json] [--rows 4096 32768] [--widths 4096 8192]
-                                            [--per-sm 0 4 8] [--all-configs] [--dry-run]
+                                            [--all-configs] [--dry-run]
 
 For each variant (RMSNorm + static FP8, + dynamic per-token FP8, fused-add RMSNorm +
 static FP8, RMSNorm + group FP8 with groups of 128 and column-major scales, as the
@@ -12,10 +12,6 @@ rotates through input copies past twice the L2, `fxfuse.bench.timing`), as a sha
 copy bandwidth (bytes the op must move / the measured copy bandwidth, as
 `fxfuse.bench.ops`). Prints a table per case with the best config (``*``) and the one
 `norm_launch` picks today (``d``), then a summary; ``--json`` writes every timing.
-``--per-sm N ...`` also times persistent grids of N programs per multiprocessor that
-walk the tiles and prefetch the next one (0: one tile per program; the group-quant
-kernel has no persistent form and is timed at 0 only); the grid printed is the best
-over them, the summary names each case's best.
 
 Configs that put more than 128 tile elements in a thread are skipped unless
 ``--all-configs``: ptxas for sm_90 reports hundreds of bytes of register spills for
@@ -46,46 +42,39 @@ MAX_PER_THREAD = 128  # tile elements per thread; above, sm_90 spills registers
 DEVICE = "cuda"
 
 
-def _static(a, per_program, warps, per_sm=0):
+def _static(a, per_program, warps):
     return K.rms_norm_quant(a["x"], a["w"], EPS, quant=K.QUANT_STATIC, scale=a["s"],
-                            rows_per_program=per_program, num_warps=warps, programs_per_sm=per_sm)[1]
+                            rows_per_program=per_program, num_warps=warps)[1]
 
 
-def _dynamic(a, per_program, warps, per_sm=0):
+def _dynamic(a, per_program, warps):
     return K.rms_norm_quant(a["x"], a["w"], EPS, quant=K.QUANT_DYNAMIC,
-                            rows_per_program=per_program, num_warps=warps, programs_per_sm=per_sm)[1:3]
+                            rows_per_program=per_program, num_warps=warps)[1:3]
 
 
-def _fused_add_static(a, per_program, warps, per_sm=0):
+def _fused_add_static(a, per_program, warps):
     _, q, _, r_out = K.rms_norm_quant(a["x"], a["w"], EPS, residual=a["r"], quant=K.QUANT_STATIC, scale=a["s"],
-                                      rows_per_program=per_program, num_warps=warps, programs_per_sm=per_sm)
+                                      rows_per_program=per_program, num_warps=warps)
     return q, r_out
 
 
-def _plain(a, per_program, warps, per_sm=0):
-    return K.rms_norm_quant(a["x"], a["w"], EPS, rows_per_program=per_program, num_warps=warps,
-                            programs_per_sm=per_sm)[0]
-
-
-def _group(a, per_program, warps, per_sm=0):
+def _group(a, per_program, warps):
     return G.rms_norm_group_fp8(a["x"], a["w"], EPS, GROUP, True, rows_per_program=per_program, num_warps=warps)[:2]
 
 
-# name -> (launch, reads the residual, has a persistent form)
+# name -> (launch, reads the residual)
 VARIANTS = {
-    "rms_norm_static_fp8": (_static, False, True),
-    "rms_norm_dynamic_fp8": (_dynamic, False, True),
-    "fused_add_rms_norm_static_fp8": (_fused_add_static, True, True),
-    f"rms_norm_group_fp8_{GROUP}": (_group, False, False),
-    "rms_norm": (_plain, False, True),
+    "rms_norm_static_fp8": (_static, False),
+    "rms_norm_dynamic_fp8": (_dynamic, False),
+    "fused_add_rms_norm_static_fp8": (_fused_add_static, True),
+    f"rms_norm_group_fp8_{GROUP}": (_group, False),
 }
 
 
-def configs(width: int, all_configs: bool = False, per_sm=(0,)) -> list[tuple[int, int, int]]:
-    """The (ROWS, num_warps, programs per SM) triples to time at ``width``."""
+def configs(width: int, all_configs: bool = False) -> list[tuple[int, int]]:
+    """The (ROWS, num_warps) pairs to time at ``width``."""
     block = 1 << (width - 1).bit_length()
-    return [(r, w, p) for p in per_sm for r in PER_PROGRAM for w in WARPS
-            if all_configs or r * block // (32 * w) <= MAX_PER_THREAD]
+    return [(r, w) for r in PER_PROGRAM for w in WARPS if all_configs or r * block // (32 * w) <= MAX_PER_THREAD]
 
 
 def _inputs(rows: int, width: int, residual: bool) -> dict:
@@ -107,13 +96,13 @@ def _nbytes(obj) -> int:
     return 0
 
 
-def _compile_chunk(tasks: list[tuple[str, int, int, int, int]]) -> int:
-    """Compile (variant, width, ROWS, warps, per_sm) kernels into Triton's on-disk cache by
+def _compile_chunk(tasks: list[tuple[str, int, int, int]]) -> int:
+    """Compile (variant, width, ROWS, warps) kernels into Triton's on-disk cache by
     launching them on 16 rows (same specialization as the timed shapes: every size a
     multiple of 16)."""
-    for name, width, per_program, warps, per_sm in tasks:
-        launch, residual, _ = VARIANTS[name]
-        launch(_inputs(16, width, residual), per_program, warps, per_sm)
+    for name, width, per_program, warps in tasks:
+        launch, residual = VARIANTS[name]
+        launch(_inputs(16, width, residual), per_program, warps)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return len(tasks)
@@ -139,21 +128,20 @@ def sweep(args) -> list[dict]:
             # Copies sized by the smallest traffic (x and its FP8 codes): enough for every variant.
             copies = cold_copies(lambda: _inputs(rows, width, need_res), 3 * rows * width)
             for name in args.variants:
-                launch, residual, persistent = VARIANTS[name]
+                launch, residual = VARIANTS[name]
                 used = {k: v for k, v in probe.items() if k != "r" or residual}
                 nbytes = _nbytes(used) + _nbytes(launch(probe, None, None))  # inputs read + outputs written
-                for per_program, warps, per_sm in configs(width, args.all_configs, args.per_sm if persistent else [0]):
+                for per_program, warps in configs(width, args.all_configs):
                     t = time.perf_counter()
-                    launch(probe, per_program, warps, per_sm)  # a compile here means the precompile missed it
+                    launch(probe, per_program, warps)  # a compile here means the precompile missed it
                     if DEVICE == "cuda":
                         torch.cuda.synchronize()
                     args.first_launch_s += time.perf_counter() - t
-                    us = graph_us([lambda a=a, r=per_program, w=warps, p=per_sm: launch(a, r, w, p) for a in copies],
-                                  reps=args.reps)
+                    us = graph_us([lambda a=a, r=per_program, w=warps: launch(a, r, w) for a in copies], reps=args.reps)
                     floor_us = nbytes / args.bandwidth * 1e6
                     results.append(dict(variant=name, rows=rows, width=width, rows_per_program=per_program,
-                                        num_warps=warps, programs_per_sm=per_sm, us=us, bytes=nbytes,
-                                        floor_us=floor_us, pct_bw=100 * floor_us / us, cold_copies=len(copies)))
+                                        num_warps=warps, us=us, bytes=nbytes, floor_us=floor_us,
+                                        pct_bw=100 * floor_us / us, cold_copies=len(copies)))
             del probe, copies
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
@@ -173,12 +161,7 @@ def report(results: list[dict]) -> list[dict]:
         mine = [r for r in results if (r["variant"], r["rows"], r["width"]) == (variant, rows, width)]
         best = max(mine, key=lambda r: r["pct_bw"])
         default = _default(rows, width)
-        pct = {}
-        for r in mine:  # the best over persistent grids per (ROWS, warps)
-            pct[(r["rows_per_program"], r["num_warps"])] = max(pct.get((r["rows_per_program"], r["num_warps"]), 0),
-                                                               r["pct_bw"])
-        default_pct = max((r["pct_bw"] for r in mine if (r["rows_per_program"], r["num_warps"]) == default
-                           and not r.get("programs_per_sm")), default=None)
+        pct = {(r["rows_per_program"], r["num_warps"]): r["pct_bw"] for r in mine}
         print(f"\n{variant}  rows={rows} width={width}  (% of copy bandwidth, cold L2; * best, d norm_launch's pick)")
         print("  ROWS \\ warps " + "".join(f"{w:>9d}" for w in WARPS))
         for per_program in PER_PROGRAM:
@@ -192,20 +175,18 @@ def report(results: list[dict]) -> list[dict]:
         one_row = max((r for r in mine if r["rows_per_program"] == 1), key=lambda r: r["pct_bw"], default=None)
         summary.append(dict(variant=variant, rows=rows, width=width,
                             best=dict(rows_per_program=best["rows_per_program"], num_warps=best["num_warps"],
-                                      programs_per_sm=best.get("programs_per_sm", 0),
                                       us=best["us"], pct_bw=best["pct_bw"]),
-                            default=dict(rows_per_program=default[0], num_warps=default[1], pct_bw=default_pct),
+                            default=dict(rows_per_program=default[0], num_warps=default[1], pct_bw=pct.get(default)),
                             best_one_row_pct_bw=one_row["pct_bw"] if one_row else None))
     print("\nbest per case:")
-    print(f"  {'variant':32s} {'rows':>6s} {'width':>6s}  {'best (ROWS, warps, /SM)':>23s} {'%bw':>6s}  "
+    print(f"  {'variant':32s} {'rows':>6s} {'width':>6s}  {'best (ROWS, warps)':>18s} {'%bw':>6s}  "
           f"{'default':>9s} {'%bw':>6s}  {'ROWS=1 best %bw':>15s}")
     for s in summary:
         b, d = s["best"], s["default"]
         dflt = f"{d['pct_bw']:6.1f}" if d["pct_bw"] is not None else "     -"
         one = f"{s['best_one_row_pct_bw']:.1f}" if s["best_one_row_pct_bw"] is not None else "-"
-        best_cfg = str((b["rows_per_program"], b["num_warps"], b["programs_per_sm"]))
-        default_cfg = str((d["rows_per_program"], d["num_warps"]))
-        print(f"  {s['variant']:32s} {s['rows']:>6d} {s['width']:>6d}  {best_cfg:>23s} "
+        best_cfg, default_cfg = str((b["rows_per_program"], b["num_warps"])), str((d["rows_per_program"], d["num_warps"]))
+        print(f"  {s['variant']:32s} {s['rows']:>6d} {s['width']:>6d}  {best_cfg:>18s} "
               f"{b['pct_bw']:6.1f}  {default_cfg:>9s} {dflt}  {one:>15s}")
     return summary
 
@@ -218,24 +199,17 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--reps", type=int, default=25, help="graph replays per timing (median)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile processes")
-    p.add_argument("--rows-per-program", type=int, nargs="+", default=list(PER_PROGRAM),
-                   help="ROWS values to time (default: %(default)s)")
-    p.add_argument("--per-sm", type=int, nargs="+", default=[0],
-                   help="persistent grids to time, in programs per multiprocessor (0: one tile per program)")
     p.add_argument("--all-configs", action="store_true", help="also time configs that spill registers")
     p.add_argument("--dry-run", action="store_true", help="list the configs and norm_launch's picks, time nothing")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    global PER_PROGRAM
     args = parse_args(argv)
-    PER_PROGRAM = tuple(args.rows_per_program)
-    tasks = [(n, w, r, k, p) for n in args.variants for w in args.widths
-             for r, k, p in configs(w, args.all_configs, args.per_sm if VARIANTS[n][2] else [0])]
+    tasks = [(n, w, r, k) for n in args.variants for w in args.widths for r, k in configs(w, args.all_configs)]
     if args.dry_run:
         for w in args.widths:
-            print(f"width {w}: (ROWS, warps, per SM) {configs(w, args.all_configs, args.per_sm)}")
+            print(f"width {w}: (ROWS, warps) {configs(w, args.all_configs)}")
         for rows in args.rows:
             for w in args.widths:
                 print(f"norm_launch picks for rows={rows} width={w}: (ROWS, warps) {_default(rows, w)}")

@@ -41,7 +41,7 @@ def cuda_capability(device) -> tuple[int, int]:
 
 def num_sms(device) -> int:
     """Multiprocessors of a CUDA ``device`` (asked once per device); 8 elsewhere (Triton's
-    interpreter), so persistent grids still loop there.
+    interpreter), so grids sized by it stay small there.
 
     Example:
         >>> num_sms(torch.device("cuda", 0))  # an H100 SXM

@@ -1,9 +1,8 @@
 """RMSNorm, with or without the residual add, with an optional FP8 epilogue: one pass.
 
 Each program normalizes a tile of ``ROWS`` rows (`norm_launch` picks one: several rows
-per program measured slower on the H100 even at 4096 rows; a persistent grid that walks
-the tiles, ``programs_per_sm``, won only one H200 case and is an option): a row is read
-once (plus the residual), normalized in fp32, rounded to the model dtype and multiplied by the weight
+per program measured slower on the H100 even at 4096 rows): a row is read once (plus the
+residual), normalized in fp32, rounded to the model dtype and multiplied by the weight
 in it (DESIGN §2), then written as the model dtype, or quantized in registers and
 written as FP8 (static scale, or a per-row dynamic scale computed from the rounded row).
 The unfused and fused forms run the same code (`rms_norm_rows`). Under Triton's
@@ -22,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import num_sms
 from ._rounding import FP8_MAX, exact_casts, quantize_fp8, round_to
 
 QUANT_NONE, QUANT_STATIC, QUANT_DYNAMIC = 0, 1, 2
@@ -47,58 +45,6 @@ def _row_sums(v, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr):
 
 
 @triton.jit
-def norm_tile(rows, n_rows, n_cols, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    """``(offs, mask, cols, col_mask)`` of the tile of rows ``rows`` (see `rms_norm_rows`)."""
-    if GROUP == 0:
-        row_cols = tl.arange(0, BLOCK)
-        r = rows[:, None]
-    else:
-        row_cols = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        r = rows[:, None, None]
-    cols = tl.expand_dims(row_cols, 0)
-    col_mask = cols < n_cols
-    mask = (r < n_rows) & col_mask
-    return r * n_cols + cols, mask, cols, col_mask
-
-
-@triton.jit
-def load_norm_tile(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL: tl.constexpr):
-    """The tile's ``(x, residual)`` (``x`` again in place of an absent residual)."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        res = tl.load(res_ptr + offs, mask=mask, other=0.0)
-    else:
-        res = x
-    return x, res
-
-
-@triton.jit
-def normalize_tile(
-    x, res, w_ptr, res_out_ptr, offs, mask, cols, col_mask, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr,
-):
-    """(Fused-add) RMSNorm of a loaded tile, in the model dtype (see `rms_norm_rows`)."""
-    dtype = x.dtype
-    # Model-dtype arithmetic is done in fp32 and rounded once: the same value as a
-    # bf16/fp16 add or multiply (fp32 holds their products exactly, and a sum rounded
-    # through fp32 rounds like the exact sum), and correct in Triton's interpreter, whose
-    # bf16 arithmetic is not.
-    xf = x.to(tl.float32)
-    if HAS_RESIDUAL:
-        xf = round_to(xf + res.to(tl.float32), dtype, EXACT_CASTS)
-        tl.store(res_out_ptr + offs, xf, mask=mask)
-        xf = xf.to(tl.float32)
-    var = tl.div_rn(_row_sums(xf * xf, GROUP, EXACT_CASTS), n_cols.to(tl.float32))
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
-    # The weight is loaded at the tile's shape (re-read per row, from L1): a [1, BLOCK]
-    # load gets a register layout of its own, and the compiler then moves the whole tile
-    # through shared memory to meet it (seen in the sm_90 TTGIR at ROWS > 1).
-    w_offs = tl.broadcast_to(cols, offs.shape)
-    w = tl.load(w_ptr + w_offs, mask=tl.broadcast_to(col_mask, offs.shape), other=0.0).to(tl.float32)
-    return round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)  # weight on the rounded norm
-
-
-@triton.jit
 def rms_norm_rows(
     x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr,
@@ -109,14 +55,38 @@ def rms_norm_rows(
     The tile is ``[ROWS, BLOCK]`` when ``GROUP == 0``, else ``[ROWS, BLOCK // GROUP, GROUP]``
     (each row as its quant groups, so a group's max is a plain reduction over axis 2).
     Rows from ``n_rows`` on and columns from ``n_cols`` on are masked and hold 0. Every
-    norm kernel (this module's, the group-quant and all-reduce ones) calls this (or its
-    three parts: `norm_tile`, `load_norm_tile`, `normalize_tile`), so fused and unfused
-    forms round identically. Writes the residual sum when ``HAS_RESIDUAL``.
+    norm kernel (this module's, the group-quant and all-reduce ones) calls this, so fused
+    and unfused forms round identically. Writes the residual sum when ``HAS_RESIDUAL``.
     """
-    offs, mask, cols, col_mask = norm_tile(rows, n_rows, n_cols, BLOCK, GROUP)
-    x, res = load_norm_tile(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL)
-    y = normalize_tile(x, res, w_ptr, res_out_ptr, offs, mask, cols, col_mask, n_cols, eps,
-                       HAS_RESIDUAL, GROUP, EXACT_CASTS)
+    if GROUP == 0:
+        row_cols = tl.arange(0, BLOCK)
+        r = rows[:, None]
+    else:
+        row_cols = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        r = rows[:, None, None]
+    cols = tl.expand_dims(row_cols, 0)
+    col_mask = cols < n_cols
+    mask = (r < n_rows) & col_mask
+    offs = r * n_cols + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    dtype = x.dtype
+    # Model-dtype arithmetic is done in fp32 and rounded once: the same value as a
+    # bf16/fp16 add or multiply (fp32 holds their products exactly, and a sum rounded
+    # through fp32 rounds like the exact sum), and correct in Triton's interpreter, whose
+    # bf16 arithmetic is not.
+    xf = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        xf = round_to(xf + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EXACT_CASTS)
+        tl.store(res_out_ptr + offs, xf, mask=mask)
+        xf = xf.to(tl.float32)
+    var = tl.div_rn(_row_sums(xf * xf, GROUP, EXACT_CASTS), n_cols.to(tl.float32))
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    # The weight is loaded at the tile's shape (re-read per row, from L1): a [1, BLOCK]
+    # load gets a register layout of its own, and the compiler then moves the whole tile
+    # through shared memory to meet it (seen in the sm_90 TTGIR at ROWS > 1).
+    w_offs = tl.broadcast_to(cols, offs.shape)
+    w = tl.load(w_ptr + w_offs, mask=tl.broadcast_to(col_mask, offs.shape), other=0.0).to(tl.float32)
+    y = round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)  # weight on the rounded norm
     return y, offs, mask
 
 
@@ -133,11 +103,16 @@ def rms_norm_row(
 
 
 @triton.jit
-def _store_tile(
-    y, offs, mask, rows, n_rows, scale_ptr, ub_ptr, y_ptr, q_ptr, row_scale_ptr,
-    QUANT: tl.constexpr, HAS_UB: tl.constexpr, EXACT_CASTS: tl.constexpr,
+def _rms_norm_quant_kernel(
+    x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr,
+    y_ptr, res_out_ptr, q_ptr, row_scale_ptr,
+    n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, EXACT_CASTS: tl.constexpr,
 ):
-    """Write a normalized tile in the output format (model dtype, static or dynamic FP8)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    y, offs, mask = rms_norm_rows(x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
+                                  HAS_RESIDUAL, BLOCK, 0, EXACT_CASTS)
     if QUANT == 0:
         tl.store(y_ptr + offs, y, mask=mask)
     else:
@@ -152,37 +127,6 @@ def _store_tile(
             tl.store(row_scale_ptr + rows, s, mask=rows < n_rows)
             inv = tl.div_rn(1.0, s)[:, None]
         tl.store(q_ptr + offs, quantize_fp8(yf, inv, EXACT_CASTS), mask=mask)
-
-
-@triton.jit
-def _rms_norm_quant_kernel(
-    x_ptr, res_ptr, w_ptr, scale_ptr, ub_ptr,
-    y_ptr, res_out_ptr, q_ptr, row_scale_ptr,
-    n_rows, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
-    ROWS: tl.constexpr, PERSISTENT: tl.constexpr, EXACT_CASTS: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offs, mask, cols, col_mask = norm_tile(rows, n_rows, n_cols, BLOCK, 0)
-    x, res = load_norm_tile(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL)
-    if PERSISTENT:
-        # A fixed grid walks the tiles with a stride, loading the next tile before it
-        # normalizes and writes this one: two tiles in flight per program.
-        stride = tl.num_programs(0).to(tl.int64) * ROWS
-        for _ in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-            next_rows = rows + stride
-            next_offs, next_mask, _, _ = norm_tile(next_rows, n_rows, n_cols, BLOCK, 0)
-            next_x, next_res = load_norm_tile(x_ptr, res_ptr, next_offs, next_mask, HAS_RESIDUAL)  # past the end: no traffic
-            y = normalize_tile(x, res, w_ptr, res_out_ptr, offs, mask, cols, col_mask, n_cols, eps,
-                               HAS_RESIDUAL, 0, EXACT_CASTS)
-            _store_tile(y, offs, mask, rows, n_rows, scale_ptr, ub_ptr, y_ptr, q_ptr, row_scale_ptr,
-                        QUANT, HAS_UB, EXACT_CASTS)
-            rows, offs, mask, x, res = next_rows, next_offs, next_mask, next_x, next_res
-    else:
-        y = normalize_tile(x, res, w_ptr, res_out_ptr, offs, mask, cols, col_mask, n_cols, eps,
-                           HAS_RESIDUAL, 0, EXACT_CASTS)
-        _store_tile(y, offs, mask, rows, n_rows, scale_ptr, ub_ptr, y_ptr, q_ptr, row_scale_ptr,
-                    QUANT, HAS_UB, EXACT_CASTS)
 
 
 def norm_launch(
@@ -226,14 +170,11 @@ def rms_norm_quant(
     scale_ub: Optional[torch.Tensor] = None,
     rows_per_program: Optional[int] = None,
     num_warps: Optional[int] = None,
-    programs_per_sm: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the kernel; returns ``(y, q, row_scales, residual_out)``, absent ones None.
 
     Inputs are validated by the ops that call this (contiguous, matching dtypes).
-    ``rows_per_program`` and ``num_warps`` override `norm_launch`'s choice;
-    ``programs_per_sm`` > 0 launches a persistent grid of that many programs per
-    multiprocessor that walk the tiles, prefetching the next (0: one tile per program).
+    ``rows_per_program`` and ``num_warps`` override `norm_launch`'s choice.
 
     Example:
         >>> y, _, _, _ = rms_norm_quant(x, w, 1e-6)
@@ -249,16 +190,14 @@ def rms_norm_quant(
         return y, q, row_scales, res_out
     block, per_program, warps = norm_launch(rows, n_cols, rows_per_program, num_warps,
                                             residual=residual is not None, dynamic=quant == QUANT_DYNAMIC)
-    tiles = triton.cdiv(rows, per_program)
-    grid = min(tiles, num_sms(x.device) * programs_per_sm) if programs_per_sm else tiles
     dummy = x  # pointer for arguments a constexpr branch never reads
-    _rms_norm_quant_kernel[(grid,)](
+    _rms_norm_quant_kernel[(triton.cdiv(rows, per_program),)](
         x, residual if residual is not None else dummy, weight,
         scale if scale is not None else dummy, scale_ub if scale_ub is not None else dummy,
         y if y is not None else dummy, res_out if res_out is not None else dummy,
         q if q is not None else dummy, row_scales if row_scales is not None else dummy,
         rows, n_cols, float(eps),
         HAS_RESIDUAL=residual is not None, QUANT=quant, HAS_UB=scale_ub is not None,
-        BLOCK=block, ROWS=per_program, PERSISTENT=bool(programs_per_sm), EXACT_CASTS=exact_casts(), num_warps=warps,
+        BLOCK=block, ROWS=per_program, EXACT_CASTS=exact_casts(), num_warps=warps,
     )
     return y, q, row_scales, res_out
