@@ -389,17 +389,18 @@ class TracedRewrite:
     def graphs_key(self) -> str:
         """The digest of every search pattern and of the replacement as traced here, for the
         cache key: it changes with any code the traces ran, wherever that code lives."""
-        parts = [f"{v.form} {sorted(v.swaps)} {graph_key(v.graph)}" for v in self.variants]
-        return digest([*parts, *(graph_key(gm) for gm in self._replacements)])
+        graphs = {id(v.graph): graph_key(v.graph) for v in self.variants if not v.swaps}  # commuted: same graph
+        parts = [f"{v.form} {sorted(v.swaps)} {graphs[id(v.graph)]}" for v in self.variants]
+        return digest([*parts, *self._replacement_keys])
 
     def _check_replacement(self) -> None:
         values = self._trace_values()
-        self._replacements: list[torch.fx.GraphModule] = []
+        self._replacement_keys: list[str] = []  # digests, not graphs: those hold fake tensors
         for variant in self.variants:
             if variant.swaps:  # a commuted variant shares its base's trace
                 continue
             repl = self._trace(self.rewrite.replacement, values, v2=variant.v2, what="replacement")
-            self._replacements.append(repl)
+            self._replacement_keys.append(graph_key(repl))
             want, got = output_metas(variant.graph), output_metas(repl)
             if len(want) != len(got):
                 raise RewriteError(

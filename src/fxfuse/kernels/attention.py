@@ -268,9 +268,9 @@ def _config(g_pad: int, head_size: int, decode: bool, max_query_len: int, tma: b
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from benchmarks/attention_sweep.py on the
     H100 and H200 (head size 128, 4 query heads per KV head; RESULTS.md). With bulk copies
     (``tma``: 64-slot pages) and the block table read a tile ahead, 64x64 tiles, 4 warps,
-    3 stages led at both prefill shapes on the H200 (87% / 85% of SDPA; 2 stages, or 3
-    without the early table read, 77-79%); 128-row tiles with 4 warps and a bulk-copied
-    query spilled (52-56%)."""
+    3 stages led at both prefill shapes on the H200 (93% / 85% of SDPA in `fxfuse bench`;
+    with 2 stages 77%, and 3 stages without the early table read gave 79% on the H100);
+    128-row tiles with 4 warps and a bulk-copied query spilled (52-56%)."""
     if decode:
         return max(16, g_pad), 64, 2, 3
     if tma:
