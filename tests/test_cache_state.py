@@ -10,10 +10,11 @@ from fxfuse.models import LlamaForCausalLM, ModelConfig, random_prompts, run
 pytestmark = pytest.mark.compile
 
 
+FLAGS = {"on": True}
+
+
 class TimesThreeIfOn(fxfuse.Rewrite):
     """x * 3 -> x * 4 (deliberately different, so a stale graph shows) while FLAGS["on"]."""
-
-    FLAGS = {"on": True}
 
     def pattern(self, x):
         return x * 3
@@ -25,10 +26,10 @@ class TimesThreeIfOn(fxfuse.Rewrite):
         return [fxfuse.TensorSpec((4, 4))]
 
     def check(self, match):
-        return self.FLAGS["on"]
+        return FLAGS["on"]
 
     def cache_state(self):
-        return self.FLAGS["on"]
+        return FLAGS["on"]
 
 
 class StateNotInKey(TimesThreeIfOn):
@@ -50,9 +51,9 @@ def _compile_and_run(rewrite, x):
 @pytest.mark.parametrize("cls, stale", [(TimesThreeIfOn, False), (StateNotInKey, True)], ids=["in-key", "not-in-key"])
 def test_state_change_recompiles_only_when_in_the_key(fresh_inductor_cache, monkeypatch, cls, stale):
     x = torch.randn(4, 4)
-    monkeypatch.setitem(TimesThreeIfOn.FLAGS, "on", True)
+    monkeypatch.setitem(FLAGS, "on", True)
     torch.testing.assert_close(_compile_and_run(cls(), x), (x * 4).sin())
-    monkeypatch.setitem(TimesThreeIfOn.FLAGS, "on", False)
+    monkeypatch.setitem(FLAGS, "on", False)
     expected = (x * 4).sin() if stale else (x * 3).sin()
     torch.testing.assert_close(_compile_and_run(cls(), x), expected)
 

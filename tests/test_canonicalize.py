@@ -61,10 +61,18 @@ class ChunkMul(fxfuse.Rewrite):
         return a * b
 
     def replacement(self, x):
-        return x.unflatten(-1, (2, self.half)).prod(-2)
+        return x.unflatten(-1, (2, x.shape[-1] // 2)).prod(-2)
 
     def example_inputs(self):
         return [fxfuse.TensorSpec((8, 2 * self.half))]
+
+
+class SplitMul(ChunkMul):
+    """``a, b = x.split(half, -1); a * b``: the piece size is a literal of the pattern."""
+
+    def pattern(self, x):
+        a, b = x.split(self.half, -1)
+        return a * b
 
 
 def chunk_as_split(g, x, half):
@@ -94,10 +102,22 @@ def test_chunk_pattern_matches_both_forms(form, tokens, half):
     torch.testing.assert_close(run(gm, rand(tokens, 2 * half, seed=tokens + half)), want)
 
 
-def test_chunk_pattern_keeps_its_piece_size():
-    # The pieces' bounds are literals of the pattern: halves of another width are not it.
+def test_chunk_pattern_matches_halves_of_any_width():
+    # chunk(2) takes its piece size from the input's width: a size the pattern computes,
+    # so a pattern traced at width 8 matches width 10 (DESIGN section 11).
     gm = build(lambda g, x: chunk_as_slices(g, x, 5), (4, 10))
-    assert fxfuse.FusionPass("p", [ChunkMul(4)])(gm) == 0
+    x = rand(4, 10, seed=3)
+    want = x[:, :5] * x[:, 5:]
+    assert fxfuse.FusionPass("p", [ChunkMul(4)])(gm) == 1
+    torch.testing.assert_close(run(gm, x), want)
+
+
+def test_split_pattern_keeps_its_literal_piece_size():
+    # split(4) writes its piece size in the pattern body: halves of width 10 are not it.
+    gm = build(lambda g, x: chunk_as_slices(g, x, 5), (4, 10))
+    p = fxfuse.FusionPass("p", [SplitMul(4)])
+    assert p(gm) == 0
+    assert p(build(lambda g, x: chunk_as_slices(g, x, 4), (3, 8))) == 1
 
 
 # --------------------------------------------------------------------------- split sizes

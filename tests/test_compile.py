@@ -148,6 +148,7 @@ def test_mode_options_merge_with_the_pass_and_explicit_options_win(monkeypatch):
     options = got.pop("options")
     manager = options.pop("post_grad_custom_post_pass")
     assert isinstance(manager, fxfuse.PassManager) and manager.passes == [p]
+    assert options.pop("joint_custom_pre_pass") is manager.pre_stage  # the pre stage, installed with it
     assert options == {"max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": False}
     assert "mode" not in got and got["dynamic"] is True
     assert fxfuse.inductor_options([p], mode="reduce-overhead")["triton.cudagraphs"] is True

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse import TensorSpec, compat
+from fxfuse import TensorSpec
 from fxfuse.explain import capture_post_grad_graphs
 from conftest import trace_graph
 
 
 class MulAddRelu(fxfuse.Rewrite):
-    """(x * y + z).relu(): a chain that starts at the mul."""
+    """(x * y + z).relu(): its chains are found from the relu."""
 
     def pattern(self, x, y, z):
         return (x * y + z).relu()
@@ -36,7 +36,7 @@ class SigmoidSub(MulAddRelu):
 def _one_match_one_shared(a, b, c):
     fused = (a * b + c).relu()
     shared = a * c  # its chain would match, but the sum also reads it
-    return fused, (shared + b).relu(), shared.sum()
+    return fused, (shared + b).relu(), shared.sum(), (a * c).sigmoid() * b
 
 
 def _passes():
@@ -49,24 +49,32 @@ def test_report_prints_each_pattern_once_then_one_line_per_site(shape):
     report = fxfuse.explain(gm, _passes())
     text = str(report).splitlines()
 
-    pattern = compat.pattern_source(fxfuse.FusionPass("p", [MulAddRelu()]).traced[0].variants[0].pattern, "MulAddRelu")
+    traced = fxfuse.FusionPass("p", [MulAddRelu()]).traced[0]
+    pattern = traced.variants[0].pattern.source("MulAddRelu", ["x", "y", "z"])
+    assert pattern.splitlines()[0] == "def MulAddRelu(x, y, z):"
     for line in pattern.splitlines():
-        assert sum(t.strip() == line for t in text) == 1, f"pattern line {line!r} not printed exactly once"
+        assert sum(t.strip() == line.strip() for t in text) == 1, f"pattern line {line!r} not printed exactly once"
     sites = [t for t in text if t.startswith("mar/MulAddRelu [")]
     assert len(sites) == 2 == len(report.for_rewrite("MulAddRelu"))
     assert sum(t.endswith(": MATCH") for t in sites) == 1
     (miss,) = [t for t in sites if ": no: " in t]
-    # The extra user is named, not just "multiple_users".
-    assert "also used by sum" in miss and "aten.sum" in miss
+    # The extra user is named, on the line of the chain's anchor.
+    assert "at relu_1: no: mul_1 (aten.mul.Tensor) is also used by sum_1 (aten.sum.default)" in miss
     assert fxfuse.match_table() == {} and fxfuse.miss_table() == {}  # explaining is not compiling
 
 
 def test_absent_anchor_op_is_named_in_one_line():
-    gm = trace_graph(_one_match_one_shared, *[torch.randn(3, 5) for _ in range(3)])
+    gm = trace_graph(lambda a, b, c: (a * b + c).relu(), *[torch.randn(3, 5) for _ in range(3)])
     report = fxfuse.explain(gm, _passes())
     assert report.for_rewrite("SigmoidSub") == []
     lines = [t for t in str(report).splitlines() if t.startswith("mar/SigmoidSub")]
     assert lines == ["mar/SigmoidSub: no site: aten.sigmoid.default does not occur in the graph"]
+
+
+def test_a_node_sharing_only_the_anchor_op_is_not_a_site():
+    # (a * c).sigmoid() * b: SigmoidSub's anchor op, but not its sub: no chain of it.
+    gm = trace_graph(_one_match_one_shared, *[torch.randn(3, 5) for _ in range(3)])
+    assert fxfuse.explain(gm, _passes()).for_rewrite("SigmoidSub") == []
 
 
 def test_unknown_rewrite_name_lists_the_known_ones():
@@ -80,7 +88,8 @@ def test_unknown_rewrite_name_lists_the_known_ones():
 def _broken(a, b, c):
     x = (a * b + c).relu()
     torch._dynamo.graph_break()  # what a print or a .item() in model code does
-    return (x * b + c).relu() + (a * c).sum()
+    shared = a * c
+    return (x * b + c).relu() + (shared + b).relu() + shared.sum()
 
 
 @pytest.mark.compile

@@ -12,7 +12,7 @@ from conftest import trace_graph
 
 
 class MulAddRelu(fxfuse.Rewrite):
-    """(x * y + z).relu(): a chain that starts at the mul."""
+    """(x * y + z).relu(): its chains are found from the relu, its most specific op."""
 
     def pattern(self, x, y, z):
         return (x * y + z).relu()
@@ -24,11 +24,17 @@ class MulAddRelu(fxfuse.Rewrite):
         return [TensorSpec((8, 16))] * 3
 
 
+class MulAddReluFromMul(MulAddRelu):
+    """The same chain, found and counted from its mul (`Rewrite.anchor`)."""
+
+    anchor = torch.ops.aten.mul.Tensor
+
+
 def _one_match_two_misses(a, b, c):
     fused = (a * b + c).relu()  # matches
-    shared = a * c  # an extra user: the chain starts here but cannot be replaced
-    no_relu = b * c + a  # the chain stops before the relu
-    return fused, (shared + b).relu(), shared.sum(), no_relu
+    shared = a * c  # an extra user: the whole chain is there but cannot be replaced
+    no_relu = b * c + a  # the chain stops before the relu: a miss only when counted from the mul
+    return fused, (shared + b).relu(), shared.sum(), no_relu, (a - b).relu()
 
 
 def _graph():
@@ -39,11 +45,22 @@ def test_misses_are_counted_per_pass_and_rewrite():
     p = fxfuse.FusionPass("mar", [MulAddRelu()])
     assert p(_graph()) == 1
     assert fxfuse.match_table() == {"mar": {"MulAddRelu": 1}}
-    assert fxfuse.miss_table() == {"mar": {"MulAddRelu": 2}}
+    # From the relu: the shared chain is a miss; (a - b).relu() shares only the op, the
+    # relu-less chain has no relu: neither is a near miss.
+    assert fxfuse.miss_table() == {"mar": {"MulAddRelu": 1}}
     misses = p.last_misses["MulAddRelu"]
-    assert misses.total == 3 and len(misses.sites) == 2
+    assert misses.total == 2 and misses.sites == ("relu_1",)
     p(_graph())  # a second graph adds up
-    assert fxfuse.miss_table() == {"mar": {"MulAddRelu": 4}}
+    assert fxfuse.miss_table() == {"mar": {"MulAddRelu": 2}}
+
+
+def test_an_anchor_chosen_by_the_rewrite_counts_from_there():
+    p = fxfuse.FusionPass("mar", [MulAddReluFromMul()])
+    assert p(_graph()) == 1
+    misses = p.last_misses["MulAddReluFromMul"]
+    # From the mul: the shared chain and the relu-less one (mul and add are there).
+    assert misses.total == 3 and misses.sites == ("mul_1", "mul_2")
+    assert "mul_1 (aten.mul.Tensor) is also used by sum_1" in misses.first_reason
 
 
 def test_reset_clears_misses_with_matches():
@@ -65,9 +82,9 @@ def test_each_rewrite_with_misses_logs_once_with_the_first_reason(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "fxfuse"]
     mine = [line for line in lines if "mar/MulAddRelu " in line]
     assert len(mine) == 1, lines
-    assert "missed 2 of 3 site(s); first at mul_1" in mine[0]
-    assert "mul_1 is also used by sum_1" in mine[0]
-    # Other's chain never occurs whole: all three sites are misses, reported in one line.
+    assert "missed 1 of 2 site(s); first at relu_1" in mine[0]
+    assert "mul_1 (aten.mul.Tensor) is also used by sum_1 (aten.sum.default), outside the chain" in mine[0]
+    # Other's chain never occurs whole: its near misses are reported in one line.
     assert len([line for line in lines if "mar/Other " in line]) == 1
 
 
@@ -94,7 +111,8 @@ def test_sites_consumed_by_a_sibling_rewrite_are_not_misses():
 @pytest.mark.compile
 def test_misses_survive_fx_graph_cache_hit(fresh_inductor_cache):
     def f(a, b, c):
-        return (a * b + c).relu() + (a * c).sum()
+        shared = a * c  # a near miss: the sum also reads it
+        return (a * b + c).relu() + (shared + b).relu() + shared.sum()
 
     args = [torch.randn(4, 8) for _ in range(3)]
     calls = []

@@ -13,6 +13,7 @@ import enum
 import functools
 import hashlib
 import inspect
+import os
 import pathlib
 import sys
 from typing import Any, Iterable
@@ -22,7 +23,8 @@ import torch
 from .rewrite import Rewrite, RewriteError, TensorSpec
 
 # The framework modules whose code decides how patterns are traced and applied.
-_FRAMEWORK = ("rewrite", "tracing", "canonicalize", "fusion_pass", "pass_manager", "cache_key", "compat")
+_FRAMEWORK = ("rewrite", "schema", "pattern", "tracing", "matcher", "splice", "diagnosis", "canonicalize",
+              "fusion_pass", "pass_manager", "cache_key", "trace_cache", "compat")
 
 
 def digest(parts: Iterable[str]) -> str:
@@ -88,7 +90,8 @@ def _source(obj: Any, where: str) -> str:
 
 
 def _module_source(cls: type, where: str) -> str:
-    """The defining module's source, or, where it has none, the code of what ``cls`` uses.
+    """The digest of the defining module's source, or, where it has none, the code of what
+    ``cls`` uses.
 
     The module matters because a rewrite calls module-level helpers; without a file,
     `code_fingerprint` follows those helpers through the names the class's code reads.
@@ -96,8 +99,26 @@ def _module_source(cls: type, where: str) -> str:
     module = sys.modules.get(cls.__module__)
     path = getattr(module, "__file__", None)
     if path and pathlib.Path(path).is_file():
-        return pathlib.Path(path).read_text()
+        return file_digest(path)
     return "code:" + code_fingerprint(cls)
+
+
+_FILE_DIGESTS: dict[str, tuple[int, int, str]] = {}
+
+
+def file_digest(path: str | pathlib.Path) -> str:
+    """The sha256 of a file's content, read again only when its size or mtime changed.
+
+    >>> len(file_digest(__file__))
+    64
+    """
+    st = os.stat(path)
+    known = _FILE_DIGESTS.get(str(path))
+    if known is not None and known[:2] == (st.st_mtime_ns, st.st_size):
+        return known[2]
+    value = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    _FILE_DIGESTS[str(path)] = (st.st_mtime_ns, st.st_size, value)
+    return value
 
 
 # -- keys from code objects -------------------------------------------------------------
@@ -108,26 +129,33 @@ _CLASS_NOISE = frozenset({"__dict__", "__weakref__", "__module__", "__doc__", "_
                           "__orig_bases__"})
 
 
-def code_fingerprint(obj: Any) -> str:
+class Uncacheable(Exception):
+    """A value in a rewrite's code that has no identity stable across processes."""
+
+
+def code_fingerprint(obj: Any, *, strict: bool = False) -> str:
     """A digest of what a function or class computes, read from its code objects.
 
     Covers bytecode, constants (nested code objects recursively), names, argument
     layout, defaults and closure values, and, through the global names the code reads,
     the functions and classes of the same module that it calls. Leaves out what does
     not change behaviour and differs between processes or edits: file names, line
-    numbers, docstrings, addresses.
+    numbers, docstrings, addresses. ``strict``: a value without a stable identity (an
+    object with only an address) raises `Uncacheable` instead of standing in as its
+    type's name.
 
     Example:
         >>> ns = {}; exec("def f(x):\n    return x * 2", ns)
         >>> len(code_fingerprint(ns["f"]))
         64
     """
-    return digest(_Fingerprinter().of(obj))
+    return digest(_Fingerprinter(strict).of(obj))
 
 
 class _Fingerprinter:
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         self.seen: set[int] = set()
+        self.strict = strict
 
     def of(self, obj: Any) -> list[str]:
         if id(obj) in self.seen:  # recursion (a helper calling itself, a class naming itself)
@@ -192,9 +220,15 @@ class _Fingerprinter:
             return f"{type(value).__name__}(" + ", ".join(self._value(v) for v in value) + ")"
         if inspect.isfunction(value) or inspect.isclass(value):
             return digest(self.of(value))
+        if isinstance(value, dict):
+            return "{" + ", ".join(sorted(f"{self._value(k)}: {self._value(v)}" for k, v in value.items())) + "}"
+        if inspect.isbuiltin(value) or inspect.ismodule(value):
+            return f"<{getattr(value, '__module__', None) or ''}.{getattr(value, '__qualname__', value.__name__)}>"
         try:
             return stable_repr(value, "a constant")
         except RewriteError:
+            if self.strict:
+                raise Uncacheable(f"{type(value).__qualname__} object") from None
             return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
@@ -265,18 +299,27 @@ def _graph_value(value: Any, index: dict, gm: torch.fx.GraphModule) -> str:
 
 
 def rewrite_key(rewrite: Rewrite) -> str:
-    """Class, class source, defining module's source, and parameters of one rewrite."""
+    """Class, defining module's source, the class's code (closures and defaults included:
+    two classes made by one factory differ there), and parameters of one rewrite."""
     cls = type(rewrite)
     where = f"rewrite {rewrite.name}"
     params = {k: stable_repr(v, f"parameter {k!r} of {where}") for k, v in rewrite.parameters().items()}
-    return digest([cls.__module__, cls.__qualname__, rewrite.name, _source(cls, where), _module_source(cls, where), repr(sorted(params.items()))])
+    return digest([cls.__module__, cls.__qualname__, rewrite.name, _module_source(cls, where), code_fingerprint(cls),
+                   repr(sorted(params.items()))])
 
 
+@functools.lru_cache(maxsize=None)
 def class_key(cls: type) -> str:
-    """A class's name, source and defining module's source (for subclassed passes)."""
+    """A class's name, code and defining module's source (for subclassed passes)."""
     where = f"class {cls.__qualname__}"
-    return digest([cls.__module__, cls.__qualname__, _source(cls, where), _module_source(cls, where)])
+    return digest([cls.__module__, cls.__qualname__, code_fingerprint(cls), _module_source(cls, where)])
 
 
 def canonicalization_key(fns: Iterable[Any]) -> str:
-    return digest(f"{f.__module__}.{f.__qualname__}:{_source(f, 'canonicalization')}" for f in fns)
+    """The canonicalization functions of a pass, by name and code (source read once per function)."""
+    return digest(_canonicalization(f) for f in fns)
+
+
+@functools.lru_cache(maxsize=None)
+def _canonicalization(f: Any) -> str:
+    return f"{f.__module__}.{f.__qualname__}:{_source(f, 'canonicalization')}:{code_fingerprint(f)}"

@@ -14,9 +14,15 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
+
+
+def _known_true(cond: object) -> bool:
+    """``statically_known_true``, imported when first needed (it imports sympy)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(cond))
 
 Canonicalization = Callable[[torch.fx.Graph], int]
 
@@ -163,7 +169,7 @@ def _reaches_end(end: Any, size: Any) -> bool:
         end = end.meta.get("val")
         if not isinstance(end, (int, torch.SymInt)):
             return False
-    return bool(statically_known_true(end >= size))
+    return bool(_known_true(end >= size))
 
 
 def normalize_slice(graph: torch.fx.Graph) -> int:
@@ -285,12 +291,13 @@ def restore_custom_op_defaults(graph: torch.fx.Graph) -> int:
     return changed
 
 
+# Defaults need no canonicalization: the matcher compares every call in its full schema
+# form (`fxfuse.schema`). `fill_custom_op_defaults` stays available for passes that ask.
 DEFAULT_CANONICALIZATIONS: tuple[Canonicalization, ...] = (
     view_to_reshape,
     remove_noop_permute,
     split_to_slice,
     normalize_slice,
-    fill_custom_op_defaults,
 )
 
 

@@ -319,23 +319,44 @@ def patterns(args: argparse.Namespace) -> int:
         if not p.traced:
             print(f"#   ({_without_patterns(p)})\n")
         for traced in p.traced:
+            kinds = ", ".join(f"{a.name}: {'Tensor' if a.kind is torch.Tensor else a.kind.__name__}"
+                              f"{' | None' if a.optional else ''}" for a in traced.args)
+            print(f"# {traced.name} ({kinds}); found from {traced.variants[0].anchor}")
             for v in traced.variants:
-                args_desc = ", ".join(f"{a.name}: {getattr(a.kind, '__name__', a.kind)}" for a in traced.args)
-                print(f"# {traced.name} [{v.form}] ({args_desc})")
-                print(compat.pattern_source(v.pattern, traced.name))
+                if v.swaps:
+                    continue  # commuted variants: the same pattern with operands swapped
+                print(f"# [{v.label}]")
+                print(v.pattern.source(traced.name, [a.name for a in traced.args]))
                 print()
     if args.timing:
-        print(f"registration of all built-in passes: {total * 1e3:.1f} ms")
-        for p in passes:
-            t0 = time.perf_counter()
-            # Copies, not fresh instances: rewrites may take parameters (native_lowering's do);
-            # and the pass's own canonicalizations, which its patterns are traced under.
-            if type(p) is not fxfuse.FusionPass:
-                type(p)()
-            else:
-                fxfuse.FusionPass(p.name, [copy.copy(r) for r in p.rewrites], canonicalize=p.canonicalizations)
-            print(f"  {p.name:<18} {len(p.rewrites):>2} rewrites  {(time.perf_counter() - t0) * 1e3:8.1f} ms")
+        _print_timing(passes, total)
     return 0
+
+
+def _print_timing(passes: Sequence[fxfuse.FusionPass], total: float) -> None:
+    """Registration time per pass: as it happened in this process (rewrites traced, or read
+    from the trace cache), then again from the cache this process holds."""
+    traced = [t for p in passes for t in p.traced]
+    cached = sum(t.cached for t in traced)
+    print(f"registration of all built-in passes: {total * 1e3:.1f} ms "
+          f"({cached} of {len(traced)} rewrites from the trace cache, {len(traced) - cached} traced)")
+    rows = []
+    for p in passes:
+        t0 = time.perf_counter()
+        # Copies, not fresh instances: rewrites may take parameters (native_lowering's do);
+        # and the pass's own canonicalizations, which its patterns are traced under.
+        if type(p) is not fxfuse.FusionPass:
+            type(p)()
+        else:
+            fxfuse.FusionPass(p.name, [copy.copy(r) for r in p.rewrites], canonicalize=p.canonicalizations)
+        again = (time.perf_counter() - t0) * 1e3
+        patterns = sum(len(t.variants) for t in p.traced)
+        rows.append((p.name, str(len(p.rewrites)), str(patterns), f"{sum(t.cached for t in p.traced)}/{len(p.traced)}",
+                     f"{again:.1f}"))
+    header = ("pass", "rewrites", "patterns", "from cache", "again ms")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
 def _without_patterns(p: fxfuse.FusionPass) -> str:
@@ -351,7 +372,6 @@ def _without_patterns(p: fxfuse.FusionPass) -> str:
 
 
 def explain_cmd(args: argparse.Namespace) -> int:
-    from .explain import capture_post_grad_graphs
     from .models import ModelRunner
 
     passes = fxfuse.default_passes()
@@ -360,9 +380,11 @@ def explain_cmd(args: argparse.Namespace) -> int:
         print(f"fxfuse explain: no rewrite named {args.rewrite!r}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     _, model, prompts = _model(args)
+    # The model itself, not its captured graphs: explain then sees each graph as Inductor
+    # received it too, and reports the chains Inductor rewrote before a pass ran.
     with torch.no_grad(), ModelRunner(model).prefill_context(prompts) as (input_ids, positions):
-        graphs = capture_post_grad_graphs(model, input_ids, positions)
-    print(fxfuse.explain(graphs, passes, rewrite=args.rewrite))
+        report = fxfuse.explain(model, passes, input_ids, positions, rewrite=args.rewrite, verbose=args.all)
+    print(report)
     return 0
 
 
@@ -395,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="why each rewrite did or did not match in the reference model")
     _model_flags(e)
     e.add_argument("--rewrite", help="only this rewrite")
+    e.add_argument("--all", action="store_true", help="list every rewrite, also those without any chain in the graphs")
     e.set_defaults(fn=explain_cmd)
     b = sub.add_parser("bench", help="kernel, attention and end-to-end benchmarks on CUDA (table, JSON, plot)")
     from .bench import add_arguments

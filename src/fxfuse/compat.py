@@ -11,15 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import string
 import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
-from torch._inductor import pattern_matcher as _pm
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 # The releases this code is tested on (scripts/test-torch.sh runs each; docs/compat.md).
 SUPPORTED = ((2, 9), (2, 15))
@@ -43,54 +40,12 @@ def release(version: str) -> tuple[int, int]:
 
 TORCH_VERSION: tuple[int, int] = release(torch.__version__)
 
-# Re-exported pattern-matcher vocabulary, so that other modules never import Inductor.
-PatternExpr = _pm.PatternExpr
-CallFunction = _pm.CallFunction
-KeywordArg = _pm.KeywordArg
-Ignored = _pm.Ignored
-Match = _pm.Match
-MultiOutputPattern = _pm.MultiOutputPattern
-PatternEntry = _pm.PatternEntry
-PatternMatcherPass = _pm.PatternMatcherPass
-FailedMatch = _pm.FailedMatch
-is_match = _pm.is_match
-fx_to_pattern = _pm.fx_to_pattern
-stable_topological_sort = _pm.stable_topological_sort
 
+def stable_topological_sort(graph: torch.fx.Graph) -> None:
+    """Reorder ``graph`` so every node comes after its inputs, moving as little as possible."""
+    from torch._inductor.pattern_matcher import stable_topological_sort as sort
 
-class _Unknown:
-    """Stands in for a value a message names but was not given; prints as ``<name>``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        return repr(self)
-
-
-class _NamedOrUnknown(dict):
-    def __missing__(self, key: str) -> _Unknown:
-        return _Unknown(key)
-
-
-def failed_match_reason(result: Any) -> str:
-    """The message of a pattern-matcher result (a `FailedMatch`'s reason; ``""`` for a match).
-
-    torch 2.9 builds the `FailedMatch` of a constant-argument mismatch without the
-    ``pattern`` its message names (2.10 passes it), so ``str()`` of it raises KeyError
-    there; here a name the message lacks reads as ``<name>``.
-
-    >>> failed_match_reason(FailedMatch("constant_args: {} {!r}!={pattern!r}", "mul", 2))
-    'constant_args: mul 2!=<pattern>'
-    """
-    if not isinstance(result, FailedMatch):
-        return str(result) if not is_match(result) else ""
-    return string.Formatter().vformat(result.format_string, result.args, _NamedOrUnknown(result.kwargs))
+    sort(graph)
 
 
 def check_torch_version(version: str | None = None) -> None:
@@ -117,8 +72,10 @@ def check_torch_version(version: str | None = None) -> None:
 # --------------------------------------------------------------------------- tracing
 
 
-def fake_mode() -> FakeTensorMode:
+def fake_mode() -> Any:
     """A fresh fake-tensor mode that lets CPU-traced patterns carry any device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
@@ -147,24 +104,6 @@ def trace_functional(fn: Callable[..., Any], args: Sequence[Any], *, v2: bool) -
     return gm
 
 
-def replace_with_graph(
-    match: Match, graph: torch.fx.Graph, replacement: torch.fx.GraphModule, args: Sequence[Any]
-) -> None:
-    """Splice ``replacement`` into ``graph`` in place of ``match``."""
-    fn = _pm.ReplacementPatternEntry.replace_with_graph
-    if "pass_name" in inspect.signature(fn).parameters:  # torch >= 2.12: names the pass in provenance logs
-        fn(match, graph, replacement, list(args), pass_name="fxfuse")
-    else:  # torch 2.9 to 2.11
-        fn(match, graph, replacement, list(args))
-
-
-def mutation_region_ids(graph: torch.fx.Graph) -> Callable[[torch.fx.Node], int]:
-    """A function node -> mutation region; a match must not cross a region boundary."""
-    if _pm.should_compute_mutation_region_ids(graph):
-        _pm.compute_mutation_region_ids(graph)
-    return functools.partial(_pm.get_mutation_region_id, graph)
-
-
 # --------------------------------------------------------------------------- auto_functionalized
 
 
@@ -179,18 +118,44 @@ def auto_functionalized_ops() -> dict[str, Any]:
 
 
 def custom_post_pass_key() -> str:
+    """The Inductor option of the custom pass that runs after Inductor's post-grad patterns."""
     return "post_grad_custom_post_pass"
+
+
+def custom_pre_pass_key() -> str:
+    """The Inductor option of the custom pass that sees the graph as Inductor receives it:
+    before its joint-graph passes (which already rewrite ``softmax(x * s)``) and before its
+    post-grad patterns (which make ``addmm`` of ``mm + bias``)."""
+    return "joint_custom_pre_pass"
 
 
 def current_custom_post_pass() -> Any:
     """The post-grad custom pass installed in global Inductor config, as one pass (or None)."""
-    return one_custom_pass(getattr(torch._inductor.config, custom_post_pass_key(), None))
+    from torch._inductor import config
+
+    return one_custom_pass(getattr(config, custom_post_pass_key(), None))
+
+
+def current_custom_pre_pass() -> Any:
+    """The pre-stage custom pass installed in global Inductor config, as one pass (or None)."""
+    from torch._inductor import config
+
+    return one_custom_pass(getattr(config, custom_pre_pass_key(), None))
 
 
 def custom_graph_pass_base() -> type:
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     return CustomGraphPass
+
+
+def register_custom_pass(*classes: type) -> None:
+    """Make instances of ``classes`` Inductor custom passes (virtual subclasses of its
+    ``CustomGraphPass`` ABC), without importing Inductor until a pass is built."""
+    base = custom_graph_pass_base()
+    for cls in classes:
+        if not issubclass(cls, base):
+            base.register(cls)
 
 
 def one_custom_pass(setting: Any) -> Any:
@@ -241,11 +206,6 @@ def inductor_counters() -> Counter:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]
-
-
-def pattern_source(pattern: PatternExpr, name: str) -> str:
-    """A pattern printed as the Python that builds it."""
-    return _pm.PatternPrettyPrinter.run(pattern, output_name=name)
 
 
 # --------------------------------------------------------------------------- op registration

@@ -6,19 +6,24 @@ import copy
 import dataclasses
 import logging
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx
 
-from . import compat, diagnosis
-from .match_table import record, record_miss
+from . import compat, diagnosis, splice
 from .cache_key import canonicalization_key, class_key, digest, framework_digest, rewrite_key, stable_repr
-from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize, restore_custom_op_defaults
+from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize
+from .match_table import record, record_miss
+from .matcher import Context, Match, guards_hold, match_at
+from .matcher import Failure as MatchFailure
 from .rewrite import Rewrite, RewriteError
-from .tracing import TracedRewrite, Variant, _Skip, output_metas, tensor_meta
+from .tracing import Skip, TracedRewrite, Variant
 
 log = logging.getLogger("fxfuse")
+
+#: Where a pass runs in Inductor: before its own graph passes, or after its post-grad patterns.
+STAGES = ("pre", "post")
 
 
 class FusionWarning(UserWarning):
@@ -37,65 +42,35 @@ class Failure:
 
 @dataclasses.dataclass(frozen=True)
 class Misses:
-    """The sites of one rewrite that one application of a pass left unreplaced."""
+    """The near misses of one rewrite in one application of a pass."""
 
     rewrite: str
-    sites: tuple[str, ...]  # node names, in graph order
-    total: int  # sites of the rewrite's anchor op before the pass ran
+    sites: tuple[str, ...]  # the anchor node of each missed chain, in graph order
+    total: int  # chains of the rewrite: replaced plus missed
     first_reason: str
 
 
-class _Entry(compat.PatternEntry):
-    """One search pattern in Inductor's matcher; prepares in `extra_check`, splices in `apply`."""
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What became of one chain of a rewrite in one application (what `explain` lists).
 
-    def __init__(self, owner: FusionPass, traced: TracedRewrite, variant: Variant) -> None:
-        self.owner, self.traced, self.variant = owner, traced, variant
-        self.pattern = variant.pattern
-        self.extra_check = self.prepare
+    ``status``: ``"match"`` (replaced), ``"miss"`` (a near miss, with its reason) or
+    ``"taken"`` (its anchor node went into another rewrite's replacement, ``reason`` names it).
+    """
 
-    def evaluate(self, match: compat.Match, *, report: bool = True) -> str | None:
-        """None when the match should be replaced, else the reason it should not.
+    node: str
+    form: str
+    status: str
+    reason: str = ""
 
-        On success the traced replacement is stored on the match, so all fallible work
-        happens here, before the graph is touched. ``report=False`` (diagnosis: explain,
-        miss reasons) returns a failed replacement's reason without recording a failure.
-        """
-        traced, rewrite = self.traced, self.traced.rewrite
-        try:
-            values = traced.bound_values(match)
-            if self.variant.needs_verification:
-                traced.verify(self.variant, match, values)
-            if not rewrite.check(match):
-                return f"{rewrite.name}.check() returned False"
-            repl = traced.replacement_for(self.variant, values)
-            want = [tensor_meta(n) for n in match.output_nodes()]
-            got = output_metas(repl)
-            if want != got:
-                raise RewriteError(f"replacement outputs {got} differ from the matched outputs {want}")
-        except _Skip as e:
-            return str(e)
-        except Exception as e:  # noqa: BLE001 - a failing replacement is reported, never fatal
-            if report:
-                self.owner._fail(rewrite.name, match, e)
-            return f"replacement failed: {type(e).__name__}: {e}"
-        match.replacement_graph = repl
-        return None
 
-    def prepare(self, match: compat.Match) -> bool:
-        reason = self.evaluate(match)
-        if reason is not None:  # kept, so a near miss at these nodes can say why
-            for node in match.nodes:
-                self.owner._declined.setdefault((self.traced.name, node), reason)
-        return reason is None
+@dataclasses.dataclass
+class Application:
+    """The result of applying a pass to one graph."""
 
-    def apply(self, match: compat.Match, graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-        args = [match.kwargs[a.name] for a in self.traced.args]
-        try:
-            compat.replace_with_graph(match, graph, match.replacement_graph, args)
-        except Exception as e:  # noqa: BLE001
-            self.owner._fail(self.traced.name, match, e)
-            return
-        self.owner._count(self.traced.name)
+    counts: dict[str, int]
+    misses: dict[str, Misses]
+    outcomes: dict[str, list[Outcome]]
 
 
 class FusionPass:
@@ -107,6 +82,7 @@ class FusionPass:
         1
         >>> fma.uuid()             # the cache key Inductor sees
         '3f1c...'
+        >>> early = fxfuse.FusionPass("mm_bias", [MmAddToLinear()], stage="pre")  # before Inductor's rewrites
     """
 
     def __init__(
@@ -115,10 +91,17 @@ class FusionPass:
         rewrites: Iterable[Rewrite] = (),
         *,
         canonicalize: Iterable[Canonicalization] = DEFAULT_CANONICALIZATIONS,
+        stage: str = "post",
     ) -> None:
         if not isinstance(name, str) or not name or "|" in name:
             raise RewriteError(f"a FusionPass needs a non-empty name without '|', got {name!r}")
+        if stage not in STAGES:
+            raise RewriteError(f"pass {name}: stage must be 'pre' or 'post', got {stage!r}")
+        if isinstance(rewrites, Rewrite) or (isinstance(rewrites, type) and issubclass(rewrites, Rewrite)):
+            shown = rewrites.__name__ if isinstance(rewrites, type) else type(rewrites).__name__
+            raise RewriteError(f"pass {name}: rewrites must be a list; write FusionPass({name!r}, [{shown}()])")
         self.name = name
+        self.stage = stage
         self.rewrites: list[Rewrite] = []
         self.canonicalizations = tuple(canonicalize)
         self.failures: list[Failure] = []
@@ -126,15 +109,13 @@ class FusionPass:
         self.last_misses: dict[str, Misses] = {}
         self._traced: list[TracedRewrite] = []
         self._keys: list[str] = []
-        self._declined: dict[tuple[str, torch.fx.Node], str] = {}
-        self._matcher = compat.PatternMatcherPass(pass_name=f"fxfuse:{name}")
         self._canon_key = canonicalization_key(self.canonicalizations)
         self._class_key = class_key(type(self))
         for rewrite in rewrites:
             self.register(rewrite)
 
     def register(self, rewrite: Rewrite) -> None:
-        """Trace ``rewrite`` once into its search patterns; raises `RewriteError` if it cannot.
+        """Trace ``rewrite`` into its search patterns; raises `RewriteError` if it cannot.
 
         A second instance of a class already in the pass is registered under the name
         ``ClassName(param=value, ...)`` (a copy carries it; ``rewrite`` is not changed).
@@ -142,13 +123,15 @@ class FusionPass:
         Example:
             >>> p = fxfuse.FusionPass("mine"); p.register(MulAddToFma())
         """
+        if isinstance(rewrite, type) and issubclass(rewrite, Rewrite):
+            raise RewriteError(f"pass {self.name}: {rewrite.__name__} is a Rewrite class; register an instance: "
+                               f"{rewrite.__name__}()")
         if not isinstance(rewrite, Rewrite):
             raise RewriteError(f"pass {self.name}: {rewrite!r} is not an fxfuse.Rewrite")
         rewrite = self._named(rewrite)
         self._state(rewrite)  # an unrepresentable cache_state() fails here, not inside Inductor
-        traced = TracedRewrite(rewrite, self.canonicalizations)
-        for variant in traced.variants:
-            _Entry(self, traced, variant).register(self._matcher)
+        traced = TracedRewrite(rewrite, self.canonicalizations, self._canon_key)
+        diagnosis.warn_unreported_state(rewrite)
         self.rewrites.append(rewrite)
         self._traced.append(traced)
         # The source of what the rewrite is, and the graphs it traced to: code it runs
@@ -182,49 +165,99 @@ class FusionPass:
     def traced(self) -> list[TracedRewrite]:
         return list(self._traced)
 
-    def __call__(self, graph: torch.fx.Graph | torch.fx.GraphModule) -> int:
+    # -- applying ------------------------------------------------------------------
+
+    def __call__(self, graph: torch.fx.Graph | torch.fx.GraphModule, *, gone: Any = None) -> int:
         """Apply the rewrites to ``graph`` in place; returns the number of replacements.
 
         Also counts the near misses (`fxfuse.miss_table`) and logs, at INFO on the
-        ``fxfuse`` logger, each rewrite that has some, with the first reason.
+        ``fxfuse`` logger, each rewrite that has some, with the first reason. ``gone``
+        (from the `PassManager`): chains seen before Inductor's own passes ran and gone
+        after, per rewrite; each is a near miss.
         """
+        result = self.apply(graph, gone=gone, report=True)
+        self.record(result)
+        return sum(result.counts.values())
+
+    def record(self, result: Application) -> None:
+        """Count an application's matches and near misses (`fxfuse.match_table`,
+        `fxfuse.miss_table`) and log each rewrite with misses.
+
+        Inductor replays the counts a compile recorded when its FX graph cache serves the
+        graph, but only those recorded while Inductor's post-grad stage ran: the
+        `PassManager` records a pre-stage pass's result there, not when it ran.
+        """
+        self.last_counts = result.counts
+        self.last_misses = result.misses
+        for rewrite, n in result.counts.items():
+            record(self.name, rewrite, n)
+        for rewrite, misses in result.misses.items():
+            record_miss(self.name, rewrite, len(misses.sites))
+            log.info("fxfuse: %s/%s missed %d of %d site(s); first at %s: %s", self.name, rewrite,
+                     len(misses.sites), misses.total, misses.sites[0], misses.first_reason)
+
+    def apply(self, graph: torch.fx.Graph | torch.fx.GraphModule, *, gone: Any = None,
+              report: bool = True) -> Application:
+        """Apply the rewrites to ``graph`` and say what became of every chain; records nothing
+        in the match table (`__call__` does). ``report=False`` (diagnosis): a failing
+        replacement is not warned about or kept in `failures`."""
         if isinstance(graph, torch.fx.GraphModule):
             graph = graph.graph
         if graph.owning_module is None:
             raise TypeError(f"pass {self.name}: the graph must belong to a GraphModule")
-        self.last_counts, self.last_misses, self._declined = {}, {}, {}
         canonicalize(graph, self.canonicalizations)
-        watched = [t for t in self._traced if t.rewrite.report_misses]
-        sites = {t.name: diagnosis.sites(t, graph) for t in watched}
+        run = _Run(self, graph, report)
         try:
-            self._matcher.apply(graph)
-            for rewrite, n in self.last_counts.items():
-                record(self.name, rewrite, n)
-            self._count_misses(graph, watched, sites)
+            run.sweep()
+            return run.result(gone)
         finally:
-            restore_custom_op_defaults(graph)  # the call form Inductor lowers
-            self._declined = {}
             for traced in self._traced:
                 traced.forget_traces()
-        return sum(self.last_counts.values())
 
-    def _count_misses(self, graph: torch.fx.Graph, watched: list[TracedRewrite], sites: dict) -> None:
-        alive = set(graph.nodes)
-        regions = None
-        for traced in watched:
-            missed = [n for n in sites[traced.name] if n in alive]
-            if not missed:
+    def evaluate(self, traced: TracedRewrite, variant: Variant, match: Match, ctx: Context, *,
+                 report: bool = True) -> tuple[Optional[str], Any]:
+        """``(None, prepared replacement)`` when ``match`` should be replaced, else ``(reason, None)``.
+
+        All fallible work happens here, before the graph is touched: typed binding,
+        verification, ``check``, the replacement and its outputs' shapes and dtypes.
+        """
+        rewrite = traced.rewrite
+        try:
+            values = traced.bound_values(match, variant)
+            if variant.needs_verification or not guards_hold(match, ctx):
+                traced.verify(variant, match, values, ctx)
+            if not rewrite.check(match):
+                return f"{rewrite.name}.check() returned False", None
+            prepared = traced.replacement_for(variant, match, values, ctx)
+        except Skip as e:
+            return str(e), None
+        except Exception as e:  # noqa: BLE001 - a failing replacement is reported, never fatal
+            if report:
+                self._fail(rewrite.name, match, e)
+            return f"replacement failed: {type(e).__name__}: {e}", None
+        return None, prepared
+
+    def observe(self, graph: torch.fx.Graph) -> dict[str, list[tuple[str, tuple[tuple[str, Any], ...]]]]:
+        """The chains of each rewrite that ``graph`` holds whole (structure only), as
+        ``(anchor node name, ((node name, target), ...))``: what a post-stage pass expects
+        to find after Inductor's own passes ran (`PassManager`)."""
+        canonicalize(graph, self.canonicalizations)
+        ctx = Context(graph)
+        seen: dict[str, list[tuple[str, tuple[tuple[str, Any], ...]]]] = {}
+        for traced in self._traced:
+            if not traced.rewrite.report_misses:
                 continue
-            record_miss(self.name, traced.name, len(missed))
-            reason = self._declined.get((traced.name, missed[0]))
-            if reason is None:
-                regions = regions or compat.mutation_region_ids(graph)
-                entry = lambda v, m, t=traced: _Entry(self, t, v).evaluate(m, report=False)  # noqa: E731
-                reason = diagnosis.why_not(traced, missed[0], entry, regions) or "matched only after the pass ran"
-            misses = Misses(traced.name, tuple(n.name for n in missed), len(sites[traced.name]), reason)
-            self.last_misses[traced.name] = misses
-            log.info("fxfuse: %s/%s missed %d of %d site(s); first at %s: %s", self.name, traced.name,
-                     len(missed), misses.total, misses.sites[0], reason)
+            for anchor in traced.anchors:
+                for site in anchor.sites(graph):
+                    for v in traced.variants:
+                        if v.anchor != anchor:
+                            continue
+                        m = match_at(v.pattern, site, ctx)
+                        if isinstance(m, Match):
+                            chain = tuple((n.name, n.target) for n in m.nodes)
+                            seen.setdefault(traced.name, []).append((site.name, chain))
+                            break
+        return seen
 
     def uuid(self) -> str:
         """The cache key: equal across processes that build the same pass, different otherwise.
@@ -234,18 +267,103 @@ class FusionPass:
         yields a new key instead of a stale cached graph.
         """
         states = [self._state(r) for r in self.rewrites]
-        return digest([framework_digest(), self._class_key, self.name, self._canon_key, *self._keys, *states])
+        return digest([framework_digest(), self._class_key, self.name, self.stage, self._canon_key, *self._keys, *states])
 
-    def _count(self, rewrite: str) -> None:
-        self.last_counts[rewrite] = self.last_counts.get(rewrite, 0) + 1
-
-    def _fail(self, rewrite: str, match: compat.Match, error: BaseException) -> None:
-        node = match.output_nodes()[0]
+    def _fail(self, rewrite: str, match: Match, error: BaseException) -> None:
+        node = match.output_nodes()[0] if match.output_nodes() else None
         failure = Failure(self.name, rewrite, node.name if node is not None else "?", f"{type(error).__name__}: {error}")
         self.failures.append(failure)
         msg = f"fxfuse: {self.name}/{rewrite} left the match at {failure.node} unreplaced: {failure.error}"
         log.warning(msg)
-        warnings.warn(msg, FusionWarning, stacklevel=2)
+        warnings.warn(msg, FusionWarning, stacklevel=3)
+
+    def __deepcopy__(self, memo: dict) -> FusionPass:
+        # torch.compile deep-copies its options; a pass is configuration, shared as it is.
+        return self
 
     def __repr__(self) -> str:
-        return f"FusionPass({self.name!r}, {[r.name for r in self.rewrites]})"
+        stage = "" if self.stage == "post" else f", stage={self.stage!r}"
+        return f"FusionPass({self.name!r}, {[r.name for r in self.rewrites]}{stage})"
+
+
+def _anchor_key(node: torch.fx.Node) -> tuple[Any, Any]:
+    hops = tuple(compat.auto_functionalized_ops().values())
+    return node.target, (node.args[0] if node.target in hops and node.args else None)
+
+
+class _Run:
+    """One application of a pass to one graph: the sweep, then the accounting."""
+
+    def __init__(self, owner: FusionPass, graph: torch.fx.Graph, report: bool) -> None:
+        self.owner, self.graph, self.report = owner, graph, report
+        self.ctx = Context(graph)
+        self.by_anchor: dict[tuple[Any, Any], list[tuple[TracedRewrite, Variant]]] = {}
+        for traced in owner._traced:
+            for v in traced.variants:
+                self.by_anchor.setdefault(v.pattern.anchor_key(), []).append((traced, v))
+        self.counts: dict[str, int] = {}
+        self.matched: dict[str, list[Outcome]] = {}
+        self.declined: dict[tuple[str, torch.fx.Node], str] = {}
+        self.failed: dict[tuple[str, torch.fx.Node], MatchFailure] = {}
+        self.taken: dict[str, list[Outcome]] = {}
+        self.new: set[torch.fx.Node] = set()
+        self.erased: set[torch.fx.Node] = set()
+
+    def sweep(self) -> None:
+        """Each node running an anchor op, in graph order: of the rewrites whose chain starts
+        there, the one with the longest chain (then the first registered) whose replacement
+        succeeds replaces it."""
+        sites = [n for n in self.graph.nodes if n.op == "call_function" and _anchor_key(n) in self.by_anchor]
+        for node in sites:
+            if node in self.erased:
+                continue
+            found = []
+            for order, (traced, variant) in enumerate(self.by_anchor[_anchor_key(node)]):
+                m = match_at(variant.pattern, node, self.ctx)
+                if isinstance(m, MatchFailure):
+                    key = (traced.name, node)
+                    if key not in self.failed or m.depth > self.failed[key].depth:
+                        self.failed[key] = m
+                    continue
+                found.append((-len(m.nodes), order, traced, variant, m))
+            # The longest chain wins (fused_add_rms_norm + quant over fused_add_rms_norm
+            # alone), then registration order; a declined match leaves the next its turn.
+            for _, _, traced, variant, m in sorted(found, key=lambda f: f[:2]):
+                reason, prepared = self.owner.evaluate(traced, variant, m, self.ctx, report=self.report)
+                if reason is not None:
+                    self.declined.setdefault((traced.name, node), reason)
+                    continue
+                self.splice(traced, variant, m, prepared)
+                break
+        if self.ctx.needs_sort:
+            compat.stable_topological_sort(self.graph)
+
+    def splice(self, traced: TracedRewrite, variant: Variant, m: Match, prepared: Any) -> None:
+        chain = list(m.nodes)
+        self.new.update(splice.apply(prepared, m, self.ctx))
+        gone = [n for n in chain if n.graph is not self.graph or _erased(n)]
+        self.erased.update(gone)
+        self.counts[traced.name] = self.counts.get(traced.name, 0) + 1
+        self.matched.setdefault(traced.name, []).append(Outcome(m.anchor.name, variant.form, "match"))
+        for n in gone:
+            for other, v in self.by_anchor.get(_anchor_key(n), ()):
+                if other is not traced and not any(o.node == n.name for o in self.taken.get(other.name, ())):
+                    self.taken.setdefault(other.name, []).append(
+                        Outcome(n.name, v.form, "taken", f"fused into {self.owner.name}/{traced.name}"))
+
+    def result(self, gone: Any) -> Application:
+        misses: dict[str, Misses] = {}
+        outcomes: dict[str, list[Outcome]] = {}
+        for traced in self.owner._traced:
+            chains = gone.chains.get(traced.name, ()) if gone is not None else ()
+            missed = diagnosis.near_misses(traced, self, chains, gone.born if chains else frozenset())
+            listed = self.matched.get(traced.name, []) + missed + self.taken.get(traced.name, [])
+            outcomes[traced.name] = listed
+            if missed and traced.rewrite.report_misses:
+                total = len(missed) + self.counts.get(traced.name, 0)
+                misses[traced.name] = Misses(traced.name, tuple(o.node for o in missed), total, missed[0].reason)
+        return Application(dict(self.counts), misses, outcomes)
+
+
+def _erased(node: torch.fx.Node) -> bool:
+    return bool(getattr(node, "_erased", False))

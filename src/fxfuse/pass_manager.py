@@ -1,7 +1,20 @@
-"""`PassManager`: the one custom pass installed into Inductor, and `compile` that installs it."""
+"""`PassManager`: the custom passes installed into Inductor, and `compile` that installs them.
+
+A compile runs fxfuse at two points. The *pre* stage (Inductor's ``joint_custom_pre_pass``)
+sees the graph as Inductor receives it, before Inductor's own rewrites; it runs the
+``stage="pre"`` passes, then notes, for every rewrite of the ``stage="post"`` passes, the
+chains the graph holds. The *post* stage (``post_grad_custom_post_pass``) runs after
+Inductor's post-grad patterns: the post passes, then the cleanup tail. A chain noted at
+the pre stage that is gone by the post stage was rewritten by Inductor first (``mm`` +
+bias became ``addmm``); it is counted and reported as a near miss of its rewrite, never
+left silent.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -10,25 +23,94 @@ import torch.fx
 from . import compat
 from .cache_key import digest, framework_digest
 from .fusion_pass import FusionPass
+from .schema import op_name
+
+log = logging.getLogger("fxfuse")
 
 
-class PassManager(compat.custom_graph_pass_base()):  # type: ignore[misc]
-    """Runs fusion passes in order, then a custom pass installed before it, then a cleanup tail.
+def _passes_list(passes: Any, where: str) -> list[FusionPass]:
+    if isinstance(passes, FusionPass):
+        hint = passes.name if passes.name.isidentifier() else "the_pass"
+        raise TypeError(f"{where} takes a list of passes, got the FusionPass {passes.name!r} itself; "
+                        f"write passes=[{hint}]")
+    try:
+        out = list(passes)
+    except TypeError:
+        raise TypeError(f"{where} takes a list of FusionPass objects, got {type(passes).__name__}") from None
+    for p in out:
+        if isinstance(p, type) and issubclass(p, FusionPass):
+            raise TypeError(f"{where} takes FusionPass objects, got the class {p.__name__}; write {p.__name__}()")
+        if not isinstance(p, FusionPass):
+            raise TypeError(f"{where} takes FusionPass objects, got {type(p).__name__}")
+    return out
 
-    The cleanup tail removes dead code, restores topological order and lints the graph,
-    so a pass that leaves debris fails here with a clear error instead of deep inside
-    Inductor's lowering.
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """The graph as the pre stage left it: its node names, and per post pass the chains of
+    each of its rewrites that it holds whole."""
+
+    names: frozenset[str]
+    chains: dict[str, dict[str, list]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewritten:
+    """What Inductor's own passes did to one pass's chains between the two stages.
+
+    ``chains``: per rewrite, ``(anchor node, [nodes gone], [all its nodes])`` of each chain
+    no longer whole; ``born``: the nodes Inductor made (what remains of such a chain is
+    that chain, counted once).
+    """
+
+    chains: dict[str, list[tuple[str, list[str], list[str]]]]
+    born: frozenset[str]
+
+
+def observe(passes: Sequence[FusionPass], graph: torch.fx.Graph) -> Observation:
+    """What the post passes expect to find after Inductor's own passes ran."""
+    chains = {}
+    for p in passes:
+        seen = p.observe(graph)
+        if seen:
+            chains[p.name] = seen
+    return Observation(frozenset(n.name for n in graph.nodes), chains)
+
+
+def vanished(seen: Observation, graph: torch.fx.Graph) -> dict[str, Rewritten]:
+    """Per post pass, the chains `observe` saw that ``graph`` no longer holds whole."""
+    alive = {n.name: n.target for n in graph.nodes}
+    born = frozenset(alive) - seen.names
+    out: dict[str, Rewritten] = {}
+    for pass_name, per_rewrite in seen.chains.items():
+        for rewrite, chains in per_rewrite.items():
+            for anchor, nodes in chains:
+                missing = [f"{name} ({op_name(t)})" for name, t in nodes if alive.get(name) is not t]
+                if missing:
+                    entry = out.setdefault(pass_name, Rewritten({}, born))
+                    entry.chains.setdefault(rewrite, []).append((anchor, missing, [n for n, _ in nodes]))
+    return out
+
+
+class PassManager:
+    """Runs fusion passes in order at their stages, then the cleanup tail.
+
+    Installed as the post-grad custom pass (it is one), with `PassManager.pre_stage` as
+    the pre-stage pass; `compile` and `inductor_options` install both. The cleanup tail
+    removes dead code, restores topological order and lints the graph, so a pass that
+    leaves debris fails here with a clear error instead of deep inside Inductor.
 
     Example:
         >>> pm = fxfuse.PassManager([fma])
-        >>> torch.compile(fn, options={"post_grad_custom_post_pass": pm})
+        >>> torch.compile(fn, options=fxfuse.inductor_options(pm))
     """
 
-    def __init__(self, passes: Sequence[FusionPass], *, cleanup: bool = True, chain: Callable[..., Any] | None = None) -> None:
-        passes = list(passes)
-        for p in passes:
-            if not isinstance(p, FusionPass):
-                raise TypeError(f"PassManager takes FusionPass objects, got {type(p).__name__}")
+    def __init__(self, passes: Sequence[FusionPass], *, cleanup: bool = True, chain: Callable[..., Any] | None = None,
+                 pre_chain: Callable[..., Any] | None = None) -> None:
+        # Inductor accepts custom passes that are CustomGraphPass instances; registered
+        # here, not inherited, so that `import fxfuse` does not import Inductor.
+        compat.register_custom_pass(PassManager, _PreStage)
+        passes = _passes_list(passes, "PassManager")
         names = [p.name for p in passes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -36,10 +118,44 @@ class PassManager(compat.custom_graph_pass_base()):  # type: ignore[misc]
         self.passes = passes
         self.cleanup = cleanup
         self.chain = chain
+        self.pre_chain = pre_chain
+        self.pre_stage = _PreStage(self)
+        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> chains noted at the pre stage
+        self._warned = False
+
+    @property
+    def pre_passes(self) -> list[FusionPass]:
+        return [p for p in self.passes if p.stage == "pre"]
+
+    @property
+    def post_passes(self) -> list[FusionPass]:
+        return [p for p in self.passes if p.stage == "post"]
+
+    def run_pre(self, graph: torch.fx.Graph) -> None:
+        """The pre stage: the pre passes, a chained pre-stage pass, then the chains the post
+        passes expect. The pre passes' counts are recorded at the post stage, where
+        Inductor keeps what a compile counted for its FX graph cache to replay."""
+        results = [(p, p.apply(graph)) for p in self.pre_passes]
+        if self.pre_chain is not None:
+            self.pre_chain(graph)
+        self._seen[graph] = (results, observe(self.post_passes, graph))
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        for p in self.passes:
-            p(graph)
+        """The post stage (and, where the pre stage was not installed, the pre passes first)."""
+        results, seen = self._seen.pop(graph, ([], None))
+        for p, result in results:
+            p.record(result)
+        if seen is None and self.pre_passes:  # the pre stage did not run
+            if not self._warned:
+                self._warned = True
+                log.warning("fxfuse: the pre stage was not installed (use fxfuse.compile or fxfuse.inductor_options); "
+                            "passes %s run after Inductor's own rewrites instead",
+                            ", ".join(p.name for p in self.pre_passes))
+            for p in self.pre_passes:
+                p(graph)
+        gone = vanished(seen, graph) if seen is not None else {}
+        for p in self.post_passes:
+            p(graph, gone=gone.get(p.name))
         if self.chain is not None:
             self.chain(graph)
         if self.cleanup:
@@ -50,35 +166,68 @@ class PassManager(compat.custom_graph_pass_base()):  # type: ignore[misc]
             graph.lint()
 
     def uuid(self) -> str | None:
-        """The passes' keys in order, the cleanup flag, and the chained pass's key.
+        """The passes' keys in order (each with its stage), the cleanup flag, and the chained passes' keys.
 
         A chained pass without a ``uuid()`` makes this ``None``, which tells Inductor to
         bypass its FX graph cache: without a key for that pass no cached graph is safe.
         """
-        chained = ""
-        if self.chain is not None:
-            uuid = getattr(self.chain, "uuid", None)
-            chained = uuid() if callable(uuid) else None
-            if chained is None:
+        chained = []
+        for c in (self.chain, self.pre_chain):
+            if c is None:
+                chained.append("")
+                continue
+            uuid = getattr(c, "uuid", None)
+            key = uuid() if callable(uuid) else None
+            if key is None:
                 return None
-        return digest([framework_digest(), repr(self.cleanup), str(chained), *(p.uuid() for p in self.passes)])
+            chained.append(str(key))
+        return digest([framework_digest(), repr(self.cleanup), *chained, *(p.uuid() for p in self.passes)])
 
     def describe(self) -> list[str]:
         """One line per stage of the pipeline, in the order they run."""
-        lines = [f"{p.name}: {', '.join(r.name for r in p.rewrites) or '(no rewrites)'}" for p in self.passes]
+        lines = []
+        for p in self.pre_passes:
+            lines.append(f"{p.name} (before Inductor's rewrites): {', '.join(r.name for r in p.rewrites) or '(no rewrites)'}")
+        if self.pre_chain is not None:
+            lines.append(f"(chained, pre stage) {getattr(self.pre_chain, '__qualname__', type(self.pre_chain).__name__)}")
+        lines += [f"{p.name}: {', '.join(r.name for r in p.rewrites) or '(no rewrites)'}" for p in self.post_passes]
         if self.chain is not None:
             lines.append(f"(chained) {getattr(self.chain, '__qualname__', type(self.chain).__name__)}")
         if self.cleanup:
             lines.append("cleanup: dead-code elimination, topological sort, lint")
         return lines
 
+    def __deepcopy__(self, memo: dict) -> PassManager:
+        # torch.compile deep-copies its options; the manager is configuration, shared as it
+        # is (copying would also copy every traced pattern, and warn about pytree specs).
+        return self
 
-def _manager(passes: Sequence[FusionPass] | PassManager, existing: Any) -> PassManager:
-    if isinstance(passes, PassManager):
-        if existing is not None and passes.chain is None and existing is not passes:
-            return PassManager(passes.passes, cleanup=passes.cleanup, chain=existing)
+
+class _PreStage:
+    """The pre-stage half of a `PassManager`, installed as ``joint_custom_pre_pass``."""
+
+    def __init__(self, manager: PassManager) -> None:
+        self.manager = manager
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.manager.run_pre(graph)
+
+    def uuid(self) -> str | None:
+        return self.manager.uuid()
+
+    def __deepcopy__(self, memo: dict) -> _PreStage:
+        return self
+
+
+def _manager(passes: Sequence[FusionPass] | PassManager, existing: Any, existing_pre: Any = None) -> PassManager:
+    """``passes`` as a manager that also runs the custom passes installed before it."""
+    if not isinstance(passes, PassManager):
+        return PassManager(_passes_list(passes, "fxfuse"), chain=existing, pre_chain=existing_pre)
+    chain = passes.chain if passes.chain is not None or existing is passes else existing
+    pre_chain = passes.pre_chain if passes.pre_chain is not None or existing_pre is passes.pre_stage else existing_pre
+    if chain is passes.chain and pre_chain is passes.pre_chain:
         return passes
-    return PassManager(passes, chain=existing)
+    return PassManager(passes.passes, cleanup=passes.cleanup, chain=chain, pre_chain=pre_chain)
 
 
 def _require_post_grad_passes(options: dict[str, Any], source: str) -> None:
@@ -99,15 +248,16 @@ def inductor_options(
     passes: Sequence[FusionPass] | PassManager,
     *,
     chain: Any = None,
+    pre_chain: Any = None,
     mode: str | None = None,
     dynamic: bool | None = None,
 ) -> dict[str, Any]:
     """The ``options=`` for `torch.compile` that install ``passes`` for that compile only.
 
-    A post-grad custom pass already installed in global Inductor config (or given as
-    ``chain``) keeps running, after the fusion passes. ``mode`` adds the options that
-    ``torch.compile(mode=mode)`` implies (``dynamic`` as you pass it to `torch.compile`),
-    since `torch.compile` takes ``mode`` or ``options`` but not both.
+    Custom passes already installed in global Inductor config (or given as ``chain``,
+    ``pre_chain``) keep running, after the fusion passes of their stage. ``mode`` adds the
+    options that ``torch.compile(mode=mode)`` implies (``dynamic`` as you pass it to
+    `torch.compile`), since `torch.compile` takes ``mode`` or ``options`` but not both.
 
     Example:
         >>> torch.compile(fn, options=fxfuse.inductor_options([fma]))
@@ -116,7 +266,10 @@ def inductor_options(
     options = compat.mode_options(mode, dynamic) if mode is not None else {}
     _require_post_grad_passes(options, f"mode={mode!r}")
     existing = chain if chain is not None else compat.current_custom_post_pass()
-    options[compat.custom_post_pass_key()] = _manager(passes, existing)
+    existing_pre = pre_chain if pre_chain is not None else compat.current_custom_pre_pass()
+    manager = _manager(passes, existing, existing_pre)
+    options[compat.custom_post_pass_key()] = manager
+    options[compat.custom_pre_pass_key()] = manager.pre_stage
     return options
 
 
@@ -125,20 +278,23 @@ def compile(model_or_fn: Any, *, passes: Sequence[FusionPass] | PassManager, **t
 
     Every ``mode`` works: its options are applied together with the passes, as
     `torch.compile` would apply them, and explicit ``options`` win over the mode's.
-    A post-grad custom pass in ``options`` runs after the fusion passes.
+    Custom passes in ``options`` run after the fusion passes of their stage.
 
     Example:
         >>> compiled = fxfuse.compile(fn, passes=[fma])
         >>> compiled(x, y, z)
         >>> graphed = fxfuse.compile(model, passes=[fma], mode="reduce-overhead")  # CUDA graphs
     """
+    if not isinstance(passes, PassManager):
+        passes = _passes_list(passes, "fxfuse.compile")
     backend = torch_compile_kwargs.pop("backend", "inductor")
     if backend != "inductor":
         raise ValueError(f"fxfuse.compile installs Inductor passes; backend={backend!r} is not Inductor")
     mode = torch_compile_kwargs.pop("mode", None)
     user = dict(torch_compile_kwargs.pop("options", None) or {})
     user_pass = user.pop(compat.custom_post_pass_key(), None)
+    user_pre = user.pop(compat.custom_pre_pass_key(), None)
     implied = compat.mode_options(mode, torch_compile_kwargs.get("dynamic")) if mode is not None else {}
-    options = {**implied, **user, **inductor_options(passes, chain=user_pass)}
+    options = {**implied, **user, **inductor_options(passes, chain=user_pass, pre_chain=user_pre)}
     _require_post_grad_passes(options, "options" if "use_post_grad_passes" in user else f"mode={mode!r}")
     return torch.compile(model_or_fn, backend="inductor", options=options, **torch_compile_kwargs)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from torch._inductor.pattern_matcher import Match
+    from .matcher import Match
 
 
 class RewriteError(ValueError):
@@ -20,14 +20,20 @@ class RewriteError(ValueError):
 class TensorSpec:
     """An example tensor input that costs nothing: it is only ever materialized as a fake tensor.
 
+    Its shape only shapes the trace: sizes a pattern takes from the tensor match any size.
+    ``optional=True``: the argument binds a tensor or ``None`` (an op's optional input, a
+    bias); the pattern is traced both ways and the replacement receives what was bound.
+
     Example:
         >>> fxfuse.TensorSpec((8, 16), torch.bfloat16)
-        TensorSpec(shape=(8, 16), dtype=torch.bfloat16, device=None)
+        TensorSpec(shape=(8, 16), dtype=torch.bfloat16, device=None, optional=False)
+        >>> bias = fxfuse.TensorSpec((16,), torch.bfloat16, optional=True)
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     device: str | torch.device | None = None
+    optional: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -81,6 +87,10 @@ class Rewrite(abc.ABC):
     #: share a dtype must bind tensors that share a dtype; list an argument here when the
     #: replacement accepts it in another dtype (say, an fp32 weight on a bf16 activation).
     free_dtypes: tuple[str, ...] = ()
+
+    #: The op a chain of this rewrite is found from and counted at (an OpOverload of the
+    #: pattern). Default: the pattern's most specific op (docs/design-notes.md, "Near misses").
+    anchor: Any = None
 
     #: Whether the anchor sites this rewrite declines count as near misses
     #: (`fxfuse.miss_table`). False for rewrites whose ``check`` is a choice rather than

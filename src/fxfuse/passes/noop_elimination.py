@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..match_table import record
 from ..fusion_pass import FusionPass
 
 aten = torch.ops.aten
+
+
+def _known_true(cond: object) -> bool:
+    """``statically_known_true``, imported when first needed (it imports sympy)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(cond))
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 
 
@@ -21,7 +27,7 @@ def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     va, vb = a.meta.get("val"), b.meta.get("val")
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.dim() != vb.dim():
         return False
-    return va.dtype == vb.dtype and all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+    return va.dtype == vb.dtype and all(_known_true(x == y) for x, y in zip(va.shape, vb.shape))
 
 
 def _is_full_slice(node: torch.fx.Node) -> bool:
@@ -38,7 +44,7 @@ def _is_full_slice(node: torch.fx.Node) -> bool:
         if not isinstance(end, (int, torch.SymInt)):
             return False
     size = val.shape[dim]
-    return end is None or statically_known_true(end >= size)
+    return end is None or _known_true(end >= size)
 
 
 class NoopElimination(FusionPass):
@@ -52,7 +58,7 @@ class NoopElimination(FusionPass):
     def __init__(self) -> None:
         super().__init__("noop_elimination")
 
-    def __call__(self, graph: torch.fx.Graph | torch.fx.GraphModule) -> int:
+    def __call__(self, graph: torch.fx.Graph | torch.fx.GraphModule, *, gone: object = None) -> int:
         if isinstance(graph, torch.fx.GraphModule):
             graph = graph.graph
         counts = {"reshape": 0, "slice": 0}

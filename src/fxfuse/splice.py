@@ -1,0 +1,196 @@
+"""Splicing a replacement `Program` into a graph in place of a `Match`.
+
+Two phases, so that everything that can fail happens before the graph is touched:
+`prepare` runs the program on the matched nodes' fake values (the graph's own fake
+mode: every new node gets the ``val`` Inductor lowers from) and compares its outputs'
+shapes and dtypes with the matched ones; `apply` then inserts the calls, moves the users
+of the matched outputs over and erases the chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+import torch.fx
+
+from .matcher import Context, Match, bound_sizes, evaluate_condition, evaluate_size
+from .pattern import Const, InputDevice, Program, Ref, Seq, Size, Var
+from .schema import dim_text
+
+
+class NeedsConcrete(Exception):
+    """A program traced on symbolic sizes that does not apply as-is here (its trace assumed
+    something these sizes contradict, or the sizes are symbolic): trace it at these sizes."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A program checked against one match, ready to `apply`."""
+
+    program: Program
+    values: list[Any]  # the fake value of each call
+    sizes: dict[Any, Any]
+    device: Optional[torch.device]
+
+
+def _fake_mode(kwargs: dict[str, Any]) -> Any:
+    from torch._guards import detect_fake_mode
+
+    vals = [v.meta.get("val") for v in kwargs.values() if isinstance(v, torch.fx.Node)]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def _device(kwargs: dict[str, Any]) -> Optional[torch.device]:
+    for v in kwargs.values():
+        val = v.meta.get("val") if isinstance(v, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            return val.device
+    return None
+
+
+def prepare(program: Program, match: Match, ctx: Context, *, symbolic: bool) -> Prepared:
+    """Run ``program`` on ``match``'s fake values; raise on any mismatch, touching nothing.
+
+    ``symbolic``: the program was traced on symbolic sizes; its `Size` terms are evaluated
+    here, and NeedsConcrete is raised where it does not apply as-is.
+    """
+    import sympy
+
+    kwargs = match.kwargs
+    sizes = bound_sizes(kwargs)
+    if symbolic:
+        if any(not isinstance(s, sympy.Integer) for s in sizes.values()):
+            raise NeedsConcrete("symbolic sizes")
+        for g in program.guards:
+            if evaluate_condition(g, sizes, ctx.size_memo) is not True:
+                raise NeedsConcrete(f"the replacement's trace assumed {g}")
+    device = _device(kwargs)
+    values: list[Any] = []
+
+    def value(t: Any) -> Any:
+        if isinstance(t, Var):
+            v = kwargs[t.name]
+            return v.meta["val"] if isinstance(v, torch.fx.Node) else v
+        if isinstance(t, Ref):
+            return values[t.index]
+        if isinstance(t, Const):
+            return t.value
+        if isinstance(t, Size):
+            v = evaluate_size(t.expr, sizes, ctx.size_memo)
+            if v is None or not isinstance(v, sympy.Integer):
+                raise NeedsConcrete(f"size {t.expr}")
+            return int(v)
+        if isinstance(t, InputDevice):
+            return device
+        if isinstance(t, Seq):
+            return [value(x) for x in t.items]
+        raise TypeError(f"not a term: {t!r}")
+
+    mode = _fake_mode(kwargs)
+    with mode if mode is not None else _nullcontext():
+        for c in program.calls:
+            if c.op == "get_attr":
+                values.append(mode.from_tensor(c.target) if mode is not None else c.target)
+                continue
+            args = [value(a) for a in c.args]
+            kw = {k: value(v) for k, v in c.kwargs}
+            values.append(c.target(*args, **kw))
+    got = [_meta(value(o)) for o in program.outputs]
+    want = [_meta(n.meta.get("val")) for n in match.outputs]
+    if got != want:
+        raise ValueError(f"replacement outputs {_fmt(got)} differ from the matched outputs {_fmt(want)}")
+    return Prepared(program, values, sizes, device)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _meta(v: Any) -> Any:
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(dim_text(s) for s in v.shape), v.dtype
+
+
+def _fmt(metas: list[Any]) -> str:
+    parts = []
+    for m in metas:
+        parts.append("not a tensor" if m is None else f"{str(m[1]).replace('torch.', '')}{list(m[0])}")
+    return "[" + ", ".join(parts) + "]"
+
+
+def apply(prepared: Prepared, match: Match, ctx: Context) -> list[torch.fx.Node]:
+    """Insert ``prepared``'s calls, move the matched outputs' users to them, erase the chain.
+
+    Returns the new nodes. Sets ``ctx.needs_sort`` when an input of the replacement comes
+    after a user of the chain's outputs (the caller sorts the graph once at the end).
+    """
+    graph, pos = ctx.graph, ctx.position
+    program, kwargs = prepared.program, match.kwargs
+    chain = set(match.nodes)
+    outside = [u for o in match.outputs for u in o.users if u not in chain]
+    point = min(outside, key=lambda u: pos.get(u, 0.0)) if outside else max(match.nodes, key=lambda n: pos.get(n, 0.0)).next
+    inputs = [v for v in kwargs.values() if isinstance(v, torch.fx.Node)]
+    last_input = max(inputs, key=lambda n: pos.get(n, 0.0), default=None)
+    if last_input is not None and pos.get(last_input, 0.0) >= pos.get(point, float("inf")):
+        point = last_input.next
+        ctx.needs_sort = True
+    new: list[torch.fx.Node] = []
+
+    def arg(t: Any) -> Any:
+        if isinstance(t, Var):
+            return kwargs[t.name]
+        if isinstance(t, Ref):
+            return new[t.index]
+        if isinstance(t, Const):
+            return t.value
+        if isinstance(t, Size):
+            return int(evaluate_size(t.expr, prepared.sizes, ctx.size_memo))
+        if isinstance(t, InputDevice):
+            return prepared.device
+        if isinstance(t, Seq):
+            return [arg(x) for x in t.items]
+        raise TypeError(f"not a term: {t!r}")
+
+    stack_trace = match.anchor.meta.get("stack_trace")
+    with graph.inserting_before(point):
+        for c, val in zip(program.calls, prepared.values):
+            if c.op == "get_attr":
+                node = graph.get_attr(_constant(graph.owning_module, c.target))
+            else:
+                node = graph.call_function(c.target, tuple(arg(a) for a in c.args), {k: arg(v) for k, v in c.kwargs})
+            node.meta["val"] = val
+            if stack_trace is not None:
+                node.meta["stack_trace"] = stack_trace
+            new.append(node)
+    ctx.placed(new, point)
+    replaced = [arg(o) for o in program.outputs]
+    touched: set[torch.fx.Node] = set()
+    for old, repl in zip(match.outputs, replaced):
+        if old is repl:
+            continue
+        if not isinstance(repl, torch.fx.Node):
+            raise ValueError(f"the replacement returns the constant {repl!r} where the pattern returns {old.name}")
+        touched.update(old.users)
+        old.replace_all_uses_with(repl)
+    ctx.changed(touched)
+    for node in sorted(match.nodes, key=lambda n: -pos.get(n, 0.0)):
+        if not node.users:
+            graph.erase_node(node)
+            pos.pop(node, None)
+    return new
+
+
+def _constant(gm: torch.fx.GraphModule, tensor: torch.Tensor) -> str:
+    i = 0
+    while hasattr(gm, f"_fxfuse_constant{i}"):
+        i += 1
+    name = f"_fxfuse_constant{i}"
+    gm.register_buffer(name, tensor) if isinstance(gm, torch.nn.Module) else setattr(gm, name, tensor)
+    return name
