@@ -32,9 +32,10 @@ Public API only: ``fxfuse.Rewrite``, ``fxfuse.FusionPass``, ``fxfuse.TensorSpec`
     rounding_mode, a constant, a clamp bound, a literal size...). Whether the change
     matters is decided by running the original and the changed cut on the same inputs
     (the program's actual intermediate values and fresh random ones). Where it
-    matters, the changed pattern must not match the cut's own graph at the cut (a
-    match elsewhere can be right: ``clamp(x, max=.5)`` is a piece of
-    ``clamp(x, min=-1, max=.5)``, and its outputs are checked like any other);
+    matters, the changed pattern must not match the cut's own graph at the cut: there a
+    match changes the outputs or makes fxfuse refuse its replacement. (A match
+    elsewhere can be right, so the count alone does not tell: ``clamp(x, min=-1)`` is
+    the first node of ``clamp(x, min=-1, max=.5)``, bound to the same input);
   - ``wildcard``: a float/int/bool/str argument made a wildcard whose example value
     differs from the graph's; it must match wherever the unchanged pattern does. Only
     wildcards that reach an op argument unchanged are drawn (``Case._in_contract``):
@@ -64,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import linecache
+import logging
 import os
 import random
 import textwrap
@@ -146,7 +148,6 @@ class Op:
 
     name = "?"
     size_op = False  # reads sizes from its inputs (x.shape)
-    literal_size = False  # writes a size as a number
     changes: dict[str, tuple] = {}
     wild: dict[str, type] = {}
     wild_if_omitted: tuple[str, ...] = ()  # wildcards that may stand for a left-out default
@@ -445,12 +446,29 @@ class Reshape(Op):
                 "swap": f"{x}.reshape({x}.shape[1], {x}.shape[0])"}[p["mode"]]
 
 
+class ReshapeLit(Op):
+    """``a.reshape(R, -1)`` (3-d) with R a number written in the body: a constant (§11)."""
+
+    name = "reshape_lit"
+    changes = {"R": ()}
+    wild = {"R": int}
+
+    def draw(self, rng, pool):
+        a = _pick(rng, pool, lambda t: t.dim() == 3)
+        return (a[0],), {"R": int(a[1].shape[0])}
+
+    def int_choices(self, p, key, ins):
+        return tuple(int(n) for n in ins[0].shape)
+
+    def render(self, a, p):
+        return f"{a[0]}.reshape({lit(p['R'])}, -1)"
+
+
 class Pad(Op):
     """``torch.cat([a, a.new_zeros(a.shape[0], L)], dim=1)``: one size read, one literal."""
 
     name = "pad"
     size_op = True
-    literal_size = True
     changes = {"L": (2, 4)}
     wild = {"L": int}
 
@@ -518,7 +536,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
     Addmm(), Mm(), Reduce("sum"), Reduce("mean"), Reduce("amax"),
     Softmax("softmax"), Softmax("log_softmax"), Softmax("_softmax"),
     To(), Clamp(), Unary("relu"), Unary("sigmoid"), Unary("exp"), Pow(), Cumsum(), Transpose(), Where(),
-    Reshape(), Pad(), ExpandAdd(), FullMul(), EmptyFill(),
+    Reshape(), ReshapeLit(), Pad(), ExpandAdd(), FullMul(), EmptyFill(),
 ]}
 # Weights: matmuls and the ops with keyword arguments and defaults more often.
 WEIGHTS = {"add": 3, "sub": 2, "div": 2, "addmm": 5, "sum": 2, "softmax": 1, "_softmax": 1, "clamp": 2,
@@ -940,7 +958,9 @@ class Case:
         prog, rng = self.prog, self.rng
         has_size = any(OPS[s.op].size_op for s in prog.steps)
         self.cut = cut = choose_cut(rng, prog, prefer_size=has_size and rng.random() < 0.5)
-        sub_ins = [self.values[i] for i in cut.ins]
+        # Contiguous, as TensorSpec describes them (a transposed input would trace the cut
+        # with a clone before its reshapes, another graph than the pattern's).
+        sub_ins = [self.values[i].contiguous() for i in cut.ins]
         fresh = [[self._fresh(t) for t in sub_ins] for _ in range(2)]
         self.gm = trace_graph(_exec(prog.source(), "program", f"program {self.seed}"), *self.inputs)
         self.gsub = trace_graph(self.sub_fn(cut.steps), *sub_ins)
@@ -1021,12 +1041,16 @@ class Case:
                 return True
             self.apply("changed", self.gm, self.prog_args, "the program's graph")
             res = self.apply("changed", self.gsub, self.sub_args, "the cut's own graph")
-            # Matches elsewhere are fine (a changed pattern may be a piece of the cut:
-            # clamp(x, max=.5) is the last node of clamp(x, min=-1, max=.5)); their outputs
-            # are checked above. At the cut itself, where the change matters, it is wrong.
-            if matters and self.at_site(res):
-                self.find("changed-matched", f"{what}: matches the cut's own graph at the cut; it must not match "
-                                             "where the change matters", "same", "changed")
+            # A match at the cut, where the change matters, is wrong: the cut's outputs then
+            # change (the cut's own graph returns them), or fxfuse refuses the replacement
+            # it traced (FusionWarning), both reported above; this names the cause. A match
+            # elsewhere can be right and keeps the outputs: a changed pattern may be a
+            # piece of the cut (clamp(x, min=-1) is the first node of clamp(x, min=-1, max=.5),
+            # bound to the same input).
+            consequence = [k for k, _ in res.problems if k in ("wrong-result", "fusion-warning")]
+            if matters and self.at_site(res) and consequence:
+                self.find("changed-matched", f"{what}: matched the cut's own graph at the cut ({consequence[0]}); "
+                                             "it must not match where the change matters", "same", "changed")
             return True
         return False
 
@@ -1160,7 +1184,15 @@ _RESULTS: dict[int, Outcome] = {}
 def run_case(seed: int) -> Outcome:
     if seed not in _RESULTS:
         torch.manual_seed(seed)  # nothing should draw from it; set anyway, for replay
-        _RESULTS[seed] = Case(seed).run()
+        # Fake-tensor tracing logs every op that fails on a discarded draw at ERROR level;
+        # what matters here is recorded as findings.
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)
+        try:
+            _RESULTS[seed] = Case(seed).run()
+        finally:
+            fake_log.setLevel(level)
     return _RESULTS[seed]
 
 
