@@ -286,6 +286,37 @@ def test_sweep_candidates_are_valid_configs():
                     assert group_k is None or cfg.block_k % group_k == 0
 
 
+def test_sweep_runs_end_to_end_and_writes_a_table(tmp_path, monkeypatch):
+    """The sweep's plumbing, on the CPU: tiny shapes through Triton's interpreter, a fake
+    timer, every config checked against the baseline, the JSON and the table written."""
+    _kernels()
+    if DEVICE == "cuda":
+        pytest.skip("the GPU runs the real sweep")
+    sweep = _sweep_script()
+    times = iter(range(1, 100000))
+    monkeypatch.setattr(sweep, "DEVICE", "cpu")
+    monkeypatch.setattr(sweep, "have_cuda", lambda: True)
+    monkeypatch.setattr(sweep, "environment", lambda: dict(date="today", device="Test GPU", torch="t", triton="tr"))
+    monkeypatch.setattr(sweep, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(sweep, "num_sms", lambda device: 8)
+    monkeypatch.setattr(sweep, "cold_copies", lambda make, nbytes: [make() for _ in range(2)])
+    monkeypatch.setattr(sweep, "graph_us", lambda fns, reps=None: [f() for f in fns] and 1.0 + next(times) % 7)
+    monkeypatch.setattr(sweep, "SHAPES", (("tiny", "o_proj", 200, 256), ("tiny", "down_proj", 136, 384)))
+    choices = tmp_path / "choices.json"
+    rc = sweep.main(["--out", str(tmp_path / "out"), "--write-choices", str(choices), "--tokens", "1,17",
+                     "--models", "tiny"])
+    assert rc == 0  # every config's output matched its baseline
+    result = json.loads((tmp_path / "out" / "small_gemm_sweep.json").read_text())
+    assert {r["scheme"] for r in result["rows"]} == {"fp8", "fp8-block"}
+    assert {r["label"] for r in result["rows"] if r["kind"] == "baseline"} == \
+        {"scaled_mm", "triton_block", "scaled_mm_per_tensor"}  # no blockwise _scaled_mm on CPU
+    assert len(result["best"]) == 2 * 2 * 2
+    assert all(r["matches_baseline"] is (None if r["label"] == "scaled_mm_per_tensor" else True) for r in result["rows"])
+    table = C.load_choices(choices)
+    assert set(table["devices"]["Test GPU"]) <= {"fp8_linear", "block_fp8_linear"}
+    assert table["devices"]["Test GPU"] == result["choices"]
+
+
 def test_cpu_runs_the_native_reference():
     x_q, w_q, x_scale, w_scale = _per_tensor_problem((3,), 64, 64, False, seed=1, device="cpu")
     assert L.small_gemm_config("fp8_linear", x_q, w_q) is None
