@@ -66,13 +66,16 @@ OPS = {"fp8": "fp8_linear", "fp8-block": "block_fp8_linear"}
 #: Shared memory a config may take (Hopper: 227 KiB a multiprocessor).
 SMEM_LIMIT = 200 * 1024
 #: Variants around the default, as (block_n, block_k, split_k or None for `split_k_for`,
-#: num_warps, num_stages, swap_ab). Few, so the compiles (one per config and token tile)
-#: keep the run within minutes: narrower K steps with more stages, wider ones, wider
-#: weight tiles, no split, twice the split, and the unswapped MMA (fp16 mma.sync below
-#: 64 tokens on Hopper: the comparison that chose swapping).
+#: num_warps, num_stages, swap_ab), or ("split", factor): the default with its split
+#: scaled (the same compiled kernel, so only timing costs). Few tilings, so the compiles
+#: (one per tiling and token tile) keep the run within minutes: narrower K steps with more
+#: stages, wider ones, wider weight tiles, no split, and the unswapped MMA (fp16
+#: mma.sync below 64 tokens on Hopper: the comparison that chose swapping). The split
+#: factors ask whether about one program per multiprocessor (fewer partials, no second
+#: wave) beats two.
 VARIANTS = [
     (64, 128, None, 4, 6, True), (64, 512, None, 4, 3, True), (128, 256, None, 4, 3, True),
-    (64, 256, 1, 4, 4, True), ("2x", None, None, None, None, None), (64, 256, None, 4, 4, False),
+    (64, 256, 1, 4, 4, True), ("split", 0.25), ("split", 0.5), ("split", 2), (64, 256, None, 4, 4, False),
 ]
 
 
@@ -89,11 +92,12 @@ def candidates(m: int, n: int, k: int, group_k, device: torch.device, variants=N
     sms = sms or num_sms(device)
     base = default_config(m, n, k, group_k, sms)
     out = [base]
-    for bn, bk, split, warps, stages, swap in variants if variants is not None else VARIANTS:
-        if bn == "2x":  # the default with twice its split
-            cfg = SmallGemmConfig(base.block_n, base.block_k, base.split_k * 2, base.num_warps, base.num_stages,
-                                  base.swap_ab)
+    for variant in variants if variants is not None else VARIANTS:
+        if variant[0] == "split":
+            split = max(1, int(base.split_k * variant[1]))
+            cfg = SmallGemmConfig(base.block_n, base.block_k, split, base.num_warps, base.num_stages, base.swap_ab)
         else:
+            bn, bk, split, warps, stages, swap = variant
             if group_k is not None and bk % group_k:
                 continue
             cfg = SmallGemmConfig(bn, bk, split if split is not None else split_k_for(m, n, k, bn, bk, sms),

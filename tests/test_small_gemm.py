@@ -280,7 +280,7 @@ def test_sweep_candidates_are_valid_configs():
             for group_k in (None, 128):
                 configs = sweep.candidates(m, n, k, group_k, torch.device("cuda"), sms=132)
                 assert configs[0] == C.default_config(m, n, k, group_k, 132) and len(set(configs)) == len(configs)
-                assert 4 <= len(configs) <= 8  # each one compiles per token tile: the run stays in minutes
+                assert 4 <= len(configs) <= 10  # each tiling compiles per token tile: the run stays in minutes
                 for cfg in configs:
                     assert C.shared_memory_bytes(m, cfg) <= sweep.SMEM_LIMIT
                     assert group_k is None or cfg.block_k % group_k == 0

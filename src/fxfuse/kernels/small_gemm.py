@@ -41,7 +41,8 @@ from .small_gemm_config import SmallGemmConfig, block_m_for, default_config
 _W_BLOCK = tl.constexpr(128)
 # SCALES: how the operands are scaled.
 PER_TENSOR, PER_TOKEN, BLOCKWISE = 0, 1, 2
-_REDUCE_BLOCK = 1024
+# Small reduction programs: a decode-sized output (4096 values) still spreads over 16.
+_REDUCE_BLOCK = 256
 
 
 @triton.jit
@@ -207,7 +208,7 @@ def _launch(x_q, w_q, xs, ws, bias, out_dtype, scales, xs_strides, ws_row_stride
         _split_k_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
             part, xs, ws, dummy, out, m, n, xs_strides[0], split,
             SCALES=scales, HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK,
-            EXACT_CASTS=exact_casts(), num_warps=4,
+            EXACT_CASTS=exact_casts(), num_warps=2,
         )
     return out
 
