@@ -345,11 +345,10 @@ def test_kernel_matches_exact_product(lead, n, k, per_token, out_dtype, with_bia
     _assert_within(out, exact, mag, k, "kernel")
     native = fp8_linear_native(x_q, w_q, x_scale, w_scale, bias, torch.float32)
     _assert_within(native, exact, mag, k, "native")  # the bound holds for the reference too
-    if out_dtype == torch.bfloat16:
+    if out_dtype == torch.bfloat16 and DEVICE == "cpu":  # fp32 accumulation: the interpreter's
         _assert_one_bf16_ulp(out, native, exact, mag, k)
         wide = sg.small_fp8_linear(x_q, w_q, x_scale, w_scale, bias, torch.float32)
-        if DEVICE == "cpu":  # one rounding of the same fp32 value
-            assert torch.equal(out, wide.to(torch.bfloat16))
+        assert torch.equal(out, wide.to(torch.bfloat16))  # one rounding of the same fp32 value
 
 
 def _configs_for(m):
@@ -421,7 +420,7 @@ def test_block_kernel_matches_exact_product(lead, n, k, group_size, column_major
     _assert_within(out, exact, mag, k, "kernel")
     native = block_fp8_linear_native(x_q, x_s, w_q, w_s, bias, torch.float32)
     _assert_within(native, exact, mag, k, "native")
-    if out_dtype == torch.bfloat16:
+    if out_dtype == torch.bfloat16 and DEVICE == "cpu":
         _assert_one_bf16_ulp(out, native, exact, mag, k)
 
 
