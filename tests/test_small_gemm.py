@@ -68,7 +68,8 @@ def _per_tensor_problem(lead, n, k, per_token, seed, device=DEVICE):
     if per_token:
         x_scale = (x.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-6)
     else:
-        x_scale = torch.tensor(max(x.abs().max().item() if x.numel() else 1.0, 1e-6) / 448.0)  # 0-d: fp8_linear takes [] and [1]
+        # 0-d: fp8_linear takes [] and [1]
+        x_scale = torch.tensor(max(x.abs().max().item() if x.numel() else 1.0, 1e-6) / 448.0)
     x_q = (x / x_scale).clamp(-448, 448).to(FP8)
     return [t.to(device) for t in (x_q, w_q, x_scale, w_scale)]
 
@@ -311,7 +312,8 @@ def test_sweep_runs_end_to_end_and_writes_a_table(tmp_path, monkeypatch):
     assert {r["label"] for r in result["rows"] if r["kind"] == "baseline"} == \
         {"scaled_mm", "triton_block", "scaled_mm_per_tensor"}  # no blockwise _scaled_mm on CPU
     assert len(result["best"]) == 2 * 2 * 2
-    assert all(r["matches_baseline"] is (None if r["label"] == "scaled_mm_per_tensor" else True) for r in result["rows"])
+    checked = lambda r: None if r["label"] == "scaled_mm_per_tensor" else True  # noqa: E731 - the yardstick is not
+    assert all(r["matches_baseline"] is checked(r) for r in result["rows"])
     table = C.load_choices(choices)
     assert set(table["devices"]["Test GPU"]) <= {"fp8_linear", "block_fp8_linear"}
     assert table["devices"]["Test GPU"] == result["choices"]
