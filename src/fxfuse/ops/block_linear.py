@@ -10,7 +10,9 @@ in fp32, rounded to ``out_dtype``. ``w_scales`` is ``[ceil(N / 128), ceil(K / 12
 (a partial last block has its own scale, as in the checkpoints); the group size is
 ``K // x_scales.shape[-1]``.
 
-Where it runs: ``torch._scaled_mm``'s blockwise recipe (1x128 activations, 128x128
+Where it runs: fxfuse's small-batch FP8 GEMM (`fxfuse.kernels.small_gemm`) at the token
+counts where the device's measured table says it wins (`fxfuse.ops.linear.small_gemm_config`);
+otherwise ``torch._scaled_mm``'s blockwise recipe (1x128 activations, 128x128
 weights) on CUDA where the installed torch and GPU support it
 (`fxfuse.compat.blockwise_fp8_scaled_mm_supported`) and the problem fits it (group size
 128, K and N multiples of 128, bf16 output); otherwise fxfuse's Triton kernel on CUDA;
@@ -27,6 +29,7 @@ from .. import compat
 from . import _validate as V
 from ._dispatch import use_kernels
 from .group_quant import GROUP_SIZES, is_column_major
+from .linear import small_gemm_config
 from .quant import FP8_DTYPE, FP8_MAX, MIN_DYNAMIC_SCALE, _quantize_with_inv_scale
 
 OP = "block_fp8_linear"
@@ -252,14 +255,27 @@ def block_fp8_linear_path(
     x_q: torch.Tensor, x_scales: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
 ) -> str:
     """Which implementation ``block_fp8_linear`` runs for these (valid) arguments here:
-    ``"scaled_mm"`` (torch's blockwise recipe), ``"triton"`` or ``"native"``.
+    ``"small_gemm"`` (fxfuse's small-batch kernel), ``"scaled_mm"`` (torch's blockwise
+    recipe), ``"triton"`` (fxfuse's general block GEMM) or ``"native"``.
 
     >>> block_fp8_linear_path(x_q, x_scales, w_q)  # on CPU
     'native'
     """
+    if _small_gemm_config(x_q, x_scales, w_q) is not None:
+        return "small_gemm"
+    return _large_batch_path(x_q, x_scales, w_q, out_dtype)
+
+
+def _large_batch_path(x_q: torch.Tensor, x_scales: torch.Tensor, w_q: torch.Tensor, out_dtype: torch.dtype) -> str:
     if _scaled_mm_applies(x_q, x_scales, w_q, out_dtype):
         return "scaled_mm"
     return "triton" if use_kernels(x_q) else "native"
+
+
+def _small_gemm_config(x_q: torch.Tensor, x_scales: torch.Tensor, w_q: torch.Tensor):
+    k = w_q.shape[1]
+    groups = x_scales.shape[-1]
+    return small_gemm_config(OP, x_q, w_q, group_k=k // groups if groups else None)
 
 
 # --------------------------------------------------------------------------- op
@@ -286,7 +302,12 @@ def block_fp8_linear(
     >>> y = torch.ops.fxfuse.block_fp8_linear(x_q, x_scales, w_q, w_scales, None, torch.bfloat16)
     """
     validate_block_fp8_linear(x_q, x_scales, w_q, w_scales, bias, out_dtype)
-    path = block_fp8_linear_path(x_q, x_scales, w_q, out_dtype)
+    config = _small_gemm_config(x_q, x_scales, w_q)
+    if config is not None:
+        from ..kernels.small_gemm import small_block_fp8_linear
+
+        return small_block_fp8_linear(x_q, x_scales, w_q, w_scales, bias, out_dtype, config)
+    path = _large_batch_path(x_q, x_scales, w_q, out_dtype)
     if path == "scaled_mm":
         return _block_fp8_linear_scaled_mm(x_q, x_scales, w_q, w_scales, bias, out_dtype)
     # Elsewhere on CUDA a Triton kernel; the native function is the reference everywhere else.

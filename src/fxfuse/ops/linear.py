@@ -2,16 +2,20 @@
 
 ``out = (x_q.float() * x_scale) @ (w_q.float() * w_scale).T (+ bias)``, cast to
 ``out_dtype``. On CUDA devices of compute capability 8.9 or newer the product runs
-through ``torch._scaled_mm`` (FP8 tensor cores, fp32 accumulation) whenever its shape
-rules allow; everywhere else, and for shapes it rejects, the float reference below runs.
+through fxfuse's small-batch FP8 GEMM (`fxfuse.kernels.small_gemm`) where the device's
+measured table says it beats cuBLAS at this token count (see `small_gemm_config`), else
+``torch._scaled_mm`` (FP8 tensor cores, fp32 accumulation) whenever its shape rules
+allow; everywhere else, and for shapes it rejects, the float reference below runs.
 """
 
+import functools
 from typing import Optional
 
 import torch
 
 from ..kernels import cuda_capability
 from . import _validate as V
+from ._dispatch import use_kernels
 
 OP = "fp8_linear"
 
@@ -116,6 +120,40 @@ def fp8_linear_out_shape(x_q: torch.Tensor, w_q: torch.Tensor) -> tuple:
     return (*x_q.shape[:-1], w_q.shape[0])
 
 
+# --------------------------------------------------------------------------- small-batch kernel
+
+
+@functools.cache
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def small_gemm_config(op: str, x_q: torch.Tensor, w_q: torch.Tensor, group_k: Optional[int] = None):
+    """The launch config of the small-batch FP8 GEMM where ``op`` (``"fp8_linear"`` or
+    ``"block_fp8_linear"``) should run it for these (valid) arguments, else None.
+
+    It runs on CUDA with kernels on (`fxfuse.ops._dispatch.use_kernels`), FP8 tensor cores
+    (sm89+), ``K`` a multiple of 16 (aligned weight rows), and at most the token count the
+    device's measured table (`fxfuse.kernels.small_gemm_config.choose`) gives for this
+    weight shape. A device without an entry never runs it: on CPU the native reference
+    runs, on CUDA the op's other paths, as before the kernel existed.
+
+    >>> small_gemm_config("fp8_linear", x_q, w_q) is None  # on CPU
+    True
+    """
+    if not use_kernels(x_q) or cuda_capability(x_q.device) < (8, 9):
+        return None
+    from ..kernels import num_sms
+    from ..kernels.small_gemm_config import MAX_TOKENS, choose, load_choices
+
+    n, k = w_q.shape
+    m = x_q.numel() // k if k else 0
+    if not 1 <= m <= MAX_TOKENS or k % 16 or n == 0:
+        return None
+    index = x_q.device.index if x_q.device.index is not None else torch.cuda.current_device()
+    return choose(load_choices(), _cuda_device_name(index), op, m, n, k, group_k, num_sms(x_q.device))
+
+
 # --------------------------------------------------------------------------- torch._scaled_mm path
 
 
@@ -160,6 +198,22 @@ def _fp8_linear_scaled_mm(
     return out.reshape(fp8_linear_out_shape(x_q, w_q))
 
 
+def fp8_linear_path(
+    x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> str:
+    """Which implementation ``fp8_linear`` runs for these (valid) arguments here:
+    ``"small_gemm"`` (fxfuse's small-batch kernel), ``"scaled_mm"`` or ``"native"``.
+
+    >>> fp8_linear_path(x_q, w_q, x_scale)  # on CPU
+    'native'
+    """
+    if small_gemm_config(OP, x_q, w_q) is not None:
+        return "small_gemm"
+    if _scaled_mm_applies(x_q, w_q, x_scale, out_dtype):
+        return "scaled_mm"
+    return "native"
+
+
 # --------------------------------------------------------------------------- op
 
 
@@ -185,6 +239,11 @@ def fp8_linear(
     """
     validate_fp8_linear(x_q, w_q, x_scale, w_scale, bias, out_dtype)
     # Device kernels dispatch here; the native function is the reference everywhere else.
+    config = small_gemm_config(OP, x_q, w_q)
+    if config is not None:
+        from ..kernels.small_gemm import small_fp8_linear
+
+        return small_fp8_linear(x_q, w_q, x_scale, w_scale, bias, out_dtype, config)
     if _scaled_mm_applies(x_q, w_q, x_scale, out_dtype):
         return _fp8_linear_scaled_mm(x_q, w_q, x_scale, w_scale, bias, out_dtype)
     return fp8_linear_native(x_q, w_q, x_scale, w_scale, bias, out_dtype)
