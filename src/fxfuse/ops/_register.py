@@ -23,8 +23,10 @@ def define_op(
     fake: Callable[..., Any],
     validate: Optional[Callable[..., None]] = None,
     mutates_args: Iterable[str] = (),
+    namespace: str = "fxfuse",
 ) -> Callable[[Callable[..., Any]], Any]:
-    """Decorator: define ``torch.ops.fxfuse.<name>`` from its real implementation.
+    """Decorator: define ``torch.ops.<namespace>.<name>`` (``fxfuse`` unless a test says
+    otherwise) from its real implementation.
 
     The decorated function is the op's real implementation: its annotations give the
     schema (``torch.library.infer_schema``, evaluated in the decorated function's module,
@@ -33,7 +35,8 @@ def define_op(
     empty outputs with the shapes, dtypes and strides the real implementation returns.
     Both receive every argument positionally, defaults filled in, whichever way the op
     was called (the dispatcher hands Python kernels only the arguments the caller gave).
-    Returns the ``CustomOpDef``, as ``@torch.library.custom_op`` does.
+    Returns the ``CustomOpDef``, as ``@torch.library.custom_op`` does, carrying the
+    implementation's docstring.
 
     Example (``fxfuse.ops.norm``):
         >>> @define_op("rms_norm", fake=lambda x, weight, eps: x.new_empty(x.shape), validate=validate_rms_norm)
@@ -79,8 +82,9 @@ def define_op(
 
         real.__name__, real.__qualname__, real.__doc__ = impl.__name__, impl.__qualname__, impl.__doc__
         real.__module__ = impl.__module__
-        op = torch.library.custom_op(f"fxfuse::{name}", real, mutates_args=mutates_args, schema=schema)
+        op = torch.library.custom_op(f"{namespace}::{name}", real, mutates_args=mutates_args, schema=schema)
         op.register_fake(fake_impl)
+        op.__doc__ = impl.__doc__  # CustomOpDef would show its class's docstring
         return op
 
     return wrap
