@@ -12,7 +12,10 @@ rotation needs no shuffles:
   ``PASS == 0``, when ``r == head_size``),
 
 with ``r`` the rotary dim; ``HALF`` and ``PASS`` are the tiles' power-of-two widths and
-masks cover the rest, so ``r`` need not be a power of two (48 of 128). Then
+masks cover the rest, so ``r`` need not be a power of two (48 of 128). GPT-J's ``a`` and
+``b`` are loaded as one contiguous ``[HB, 2 * HALF]`` tile and split in registers (as
+two stride-2 loads they compiled to scalar 16-bit accesses for sm_90; this way, to
+128-bit vectors, as NeoX's), and stored joined back the same way. Then
 ``a' = a cos - b sin`` and ``b' = b cos + a sin`` in fp32, rounded once to the model dtype.
 
 With ``NORM`` the head is first RMS-normalized over all its ``head_size`` features (the
@@ -91,8 +94,16 @@ def _rope_heads(
         h_ok = (h < n_heads)[:, None]
         head = h[:, None] * head_size
         m = h_ok & i_ok[None, :]
-        a = tl.load(x_ptr + x_row + head + a_col[None, :], mask=m, other=0.0)
-        b = tl.load(x_ptr + x_row + head + b_col[None, :], mask=m, other=0.0)
+        if NEOX:
+            a = tl.load(x_ptr + x_row + head + a_col[None, :], mask=m, other=0.0)
+            b = tl.load(x_ptr + x_row + head + b_col[None, :], mask=m, other=0.0)
+        else:
+            # The pairs as one contiguous row tile, split in registers: two stride-2 loads
+            # compile to scalar 16-bit accesses (sm_90 PTX), this to vectors.
+            pair_offs = head + tl.arange(0, 2 * HALF)[None, :]
+            pair_mask = h_ok & (tl.arange(0, 2 * HALF) < 2 * rot_half)[None, :]
+            ab = tl.load(x_ptr + x_row + pair_offs, mask=pair_mask, other=0.0)
+            a, b = tl.split(tl.reshape(ab, (HB, HALF, 2)))
         dtype = a.dtype
         af = a.to(tl.float32)
         bf = b.to(tl.float32)
@@ -112,8 +123,11 @@ def _rope_heads(
         # a' = a cos - b sin, b' = b cos + a sin: the native reference's expressions (no FMA: see the launch).
         oa = round_to(af * c - bf * s, dtype, EXACT_CASTS)
         ob = round_to(bf * c + af * s, dtype, EXACT_CASTS)
-        tl.store(o_ptr + o_row + head + a_col[None, :], oa, mask=m)
-        tl.store(o_ptr + o_row + head + b_col[None, :], ob, mask=m)
+        if NEOX:
+            tl.store(o_ptr + o_row + head + a_col[None, :], oa, mask=m)
+            tl.store(o_ptr + o_row + head + b_col[None, :], ob, mask=m)
+        else:
+            tl.store(o_ptr + o_row + pair_offs, tl.reshape(tl.join(oa, ob), (HB, 2 * HALF)), mask=pair_mask)
         if PASS > 0:
             tl.store(o_ptr + o_row + head + p_col[None, :], p, mask=pm)
 
