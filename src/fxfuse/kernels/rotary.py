@@ -119,7 +119,7 @@ def _rope_heads(
             af = _normalize(af, rstd, wa, NORM, dtype, EXACT_CASTS)
             bf = _normalize(bf, rstd, wb, NORM, dtype, EXACT_CASTS)
             if PASS > 0:
-                p = round_to(_normalize(pf, rstd, wp, NORM, dtype, EXACT_CASTS), dtype, EXACT_CASTS)
+                p = _normalize(pf, rstd, wp, NORM, dtype, EXACT_CASTS).to(dtype)  # exact: already on dtype's grid
         # a' = a cos - b sin, b' = b cos + a sin: the native reference's expressions (no FMA: see the launch).
         oa = round_to(af * c - bf * s, dtype, EXACT_CASTS)
         ob = round_to(bf * c + af * s, dtype, EXACT_CASTS)
