@@ -390,6 +390,27 @@ def test_symbolic_trace():
         assert torch.equal(a, b)
 
 
+@pytest.mark.compile
+def test_torch_compile_with_dynamic_tokens_on_packed_qkv_slices():
+    # The op in a compiled graph: opaque, fed the slices of the packed projection as they
+    # are, one graph for every token count.
+    hq, hk, hd = 4, 2, 64
+    cache = rotary_cos_sin_cache(256, hd)
+    qw, kw = head_weight(hd, torch.bfloat16, 60), head_weight(hd, torch.bfloat16, 61)
+
+    def attention_prologue(qkv, pos):
+        q, k = qkv[:, : hq * hd], qkv[:, hq * hd : (hq + hk) * hd]
+        return fx.qk_norm_rope(pos, q, k, qw, kw, EPS, hd, cache, True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention_prologue, fullgraph=True, dynamic=True)
+    for tokens in (3, 9):
+        qkv = randn((tokens, (hq + 2 * hk) * hd), torch.bfloat16, tokens)
+        pos = positions(tokens, 256, torch.int64, tokens)
+        for a, b in zip(compiled(qkv, pos), attention_prologue(qkv, pos)):
+            assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- validation
 
 

@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("triton", reason="Triton is part of the test extras")
 
 PATH = pathlib.Path(__file__).parent.parent / "benchmarks" / "rope_sweep.py"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_qk_section_runs_every_variant_and_the_sweep(sweep, monkeypatch, gemma):
     monkeypatch.setattr(sweep, "CONFIGS", [(1, 1), (2, 2)])
     m = sweep.Model("tiny", 3, 1, 32, 16, True, gemma, 96)
     logs = []
-    rows = sweep.run_heads("qk", m, sweep.qk_variants(m), [1, 5], sweep.Timer(True, 1), 1e12, "cpu", True,
+    rows = sweep.run_heads("qk", m, sweep.qk_variants(m), [1, 5], sweep.Timer(True, 1), 1e12, DEVICE, True,
                            logs.append)
     variants = [r["variant"] for r in rows if r["tokens"] == 5]
     assert variants == ["fxfuse", "fxfuse_unfused", "eager", "inductor", "config hb=1 w=1", "config hb=2 w=2"]

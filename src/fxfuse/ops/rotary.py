@@ -272,7 +272,8 @@ def validate_rotary_embedding(
 ) -> None:
     """Checks for ``rotary_embedding``-shaped arguments; ``op`` names the op in messages."""
     _check_positions(op, positions)
-    if isinstance(head_size, bool) or not isinstance(head_size, int):
+    # A SymInt where torch.compile traces ints as dynamic (dynamic=True).
+    if isinstance(head_size, bool) or not isinstance(head_size, (int, torch.SymInt)):
         raise TypeError(f"fxfuse.{op}: `head_size` must be an int, got {type(head_size).__name__}")
     if head_size < 2:
         raise ValueError(f"fxfuse.{op}: `head_size` must be at least 2, got {head_size}")
