@@ -11,6 +11,9 @@ the row sum's order follows the register layout the compiler picks per variant, 
 normalized row of the FP8 variants can differ from the model-dtype variant's by one
 unit in the last place on rare elements, and a quantized element by one FP8 step (the
 "at most one FP8 step on rare elements" of DESIGN §2).
+
+Gemma's RMSNorm (``GEMMA``) runs the same kernel with one change: the weight step is
+``x * rstd * (1 + w)`` in fp32, rounded once (the weight is often fp32 there).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def _row_sums(v, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr):
 def rms_norm_rows(
     x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr,
+    GEMMA: tl.constexpr = False,
 ):
     """(Fused-add) RMSNorm of the rows ``rows`` (``[ROWS]`` int64) in the model dtype;
     returns ``(y, offs, mask)`` of one tile.
@@ -57,6 +61,7 @@ def rms_norm_rows(
     Rows from ``n_rows`` on and columns from ``n_cols`` on are masked and hold 0. Every
     norm kernel (this module's, the group-quant and all-reduce ones) calls this, so fused
     and unfused forms round identically. Writes the residual sum when ``HAS_RESIDUAL``.
+    ``GEMMA`` selects Gemma's weighting (see below); the weight may then be fp32.
     """
     if GROUP == 0:
         row_cols = tl.arange(0, BLOCK)
@@ -86,7 +91,11 @@ def rms_norm_rows(
     # through shared memory to meet it (seen in the sm_90 TTGIR at ROWS > 1).
     w_offs = tl.broadcast_to(cols, offs.shape)
     w = tl.load(w_ptr + w_offs, mask=tl.broadcast_to(col_mask, offs.shape), other=0.0).to(tl.float32)
-    y = round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)  # weight on the rounded norm
+    if GEMMA:
+        # Gemma (HF Gemma3RMSNorm): the norm times (1 + w), all in fp32, rounded once.
+        y = round_to((xf * rstd) * (1.0 + w), dtype, EXACT_CASTS)
+    else:
+        y = round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)  # weight on the rounded norm
     return y, offs, mask
 
 
@@ -108,11 +117,11 @@ def _rms_norm_quant_kernel(
     y_ptr, res_out_ptr, q_ptr, row_scale_ptr,
     n_rows, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr,
-    ROWS: tl.constexpr, EXACT_CASTS: tl.constexpr,
+    ROWS: tl.constexpr, EXACT_CASTS: tl.constexpr, GEMMA: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     y, offs, mask = rms_norm_rows(x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
-                                  HAS_RESIDUAL, BLOCK, 0, EXACT_CASTS)
+                                  HAS_RESIDUAL, BLOCK, 0, EXACT_CASTS, GEMMA)
     if QUANT == 0:
         tl.store(y_ptr + offs, y, mask=mask)
     else:
@@ -170,15 +179,19 @@ def rms_norm_quant(
     scale_ub: Optional[torch.Tensor] = None,
     rows_per_program: Optional[int] = None,
     num_warps: Optional[int] = None,
+    gemma: bool = False,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the kernel; returns ``(y, q, row_scales, residual_out)``, absent ones None.
 
-    Inputs are validated by the ops that call this (contiguous, matching dtypes).
-    ``rows_per_program`` and ``num_warps`` override `norm_launch`'s choice.
+    Inputs are validated by the ops that call this (contiguous, matching dtypes; with
+    ``gemma`` the weight may be fp32). ``gemma`` computes Gemma's RMSNorm,
+    ``(x * rstd * (1 + w))`` in fp32 rounded once, instead of Llama's (the norm rounded,
+    then times ``w``). ``rows_per_program`` and ``num_warps`` override `norm_launch`'s choice.
 
     Example:
         >>> y, _, _, _ = rms_norm_quant(x, w, 1e-6)
         >>> _, q, _, r = rms_norm_quant(x, w, 1e-6, residual=r0, quant=QUANT_STATIC, scale=s)
+        >>> y, _, _, _ = rms_norm_quant(x, w_f32, 1e-6, gemma=True)  # Gemma's (1 + w), fp32 weight
     """
     n_cols = x.shape[-1]
     rows = x.numel() // n_cols if n_cols else 0
@@ -198,6 +211,6 @@ def rms_norm_quant(
         q if q is not None else dummy, row_scales if row_scales is not None else dummy,
         rows, n_cols, float(eps),
         HAS_RESIDUAL=residual is not None, QUANT=quant, HAS_UB=scale_ub is not None,
-        BLOCK=block, ROWS=per_program, EXACT_CASTS=exact_casts(), num_warps=warps,
+        BLOCK=block, ROWS=per_program, EXACT_CASTS=exact_casts(), GEMMA=gemma, num_warps=warps,
     )
     return y, q, row_scales, res_out

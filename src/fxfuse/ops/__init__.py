@@ -16,6 +16,12 @@ submodules):
 - :mod:`.block_linear`: ``block_fp8_linear`` (128x128 block-scaled FP8 weights)
 - :mod:`.allreduce`: all-reduce (tensor parallelism) fused with ``fused_add_rms_norm`` and
   each quant after it
+- :mod:`.gemma_norm`: Gemma's RMSNorm (``(1 + w)``, fp32 weights), its residual-add form and
+  their FP8 fusions
+- :mod:`.rotary`: ``rotary_embedding`` (NeoX/GPT-J, partial rotary) and the per-head
+  q/k norm + rotary fusions ``qk_norm_rope``, ``qk_gemma_norm_rope``
+
+Ops are defined with :func:`._register.define_op` (implementation, fake, validator).
 """
 
 import torch
@@ -28,7 +34,9 @@ from . import nvfp4  # noqa: E402  (registers the NVFP4 ops)
 from . import attention  # noqa: E402  (registers the paged attention op)
 from . import block_linear, group_quant  # noqa: E402  (registers the block-scaled FP8 ops)
 from . import allreduce  # noqa: E402  (registers the all-reduce fusions)
+from . import gemma_norm, rotary  # noqa: E402  (registers the Gemma norm and rotary ops)
 
 __all__ = [
-    "FP8_DTYPE", "FP8_MAX", "activation", "allreduce", "block_linear", "fused", "group_quant", "linear", "norm", "quant",
+    "FP8_DTYPE", "FP8_MAX", "activation", "allreduce", "block_linear", "fused", "gemma_norm", "group_quant", "linear",
+    "norm", "quant", "rotary",
 ]

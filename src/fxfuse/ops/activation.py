@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from . import _validate as V
 from ._dispatch import use_kernels
+from ._register import define_op
 
 # --------------------------------------------------------------------------- native math
 
@@ -36,7 +37,7 @@ def silu_and_mul_out_shape(x: torch.Tensor) -> tuple:
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("fxfuse::silu_and_mul", mutates_args=())
+@define_op("silu_and_mul", fake=lambda x: x.new_empty(silu_and_mul_out_shape(x)), validate=validate_silu_and_mul)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``gate, up = x.chunk(2, dim=-1)``, computed in fp32.
 
@@ -48,16 +49,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     >>> y.shape
     torch.Size([4, 128])
     """
-    validate_silu_and_mul(x)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.activation import silu_and_mul as kernel
 
         return kernel(x)
     return silu_and_mul_native(x)
-
-
-@silu_and_mul.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    validate_silu_and_mul(x)
-    return x.new_empty(silu_and_mul_out_shape(x))

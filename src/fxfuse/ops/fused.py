@@ -12,6 +12,7 @@ import torch
 
 from . import _validate as V
 from ._dispatch import use_kernels
+from ._register import define_op
 from .activation import silu_and_mul_native, silu_and_mul_out_shape, validate_silu_and_mul
 from .norm import (
     fused_add_rms_norm_native,
@@ -124,7 +125,11 @@ def validate_silu_and_mul_static_fp8_quant(x: torch.Tensor, scale: torch.Tensor)
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("fxfuse::rms_norm_static_fp8_quant", mutates_args=())
+@define_op(
+    "rms_norm_static_fp8_quant",
+    fake=lambda x, weight, scale, eps: fp8_empty_like(x),
+    validate=validate_rms_norm_static_fp8_quant,
+)
 def rms_norm_static_fp8_quant(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -132,7 +137,6 @@ def rms_norm_static_fp8_quant(
 
     >>> q = torch.ops.fxfuse.rms_norm_static_fp8_quant(x, w, scale, 1e-6)
     """
-    validate_rms_norm_static_fp8_quant(x, weight, scale, eps)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.norm_quant import QUANT_STATIC, rms_norm_quant
@@ -141,13 +145,11 @@ def rms_norm_static_fp8_quant(
     return rms_norm_static_fp8_quant_native(x, weight, scale, eps)
 
 
-@rms_norm_static_fp8_quant.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    validate_rms_norm_static_fp8_quant(x, weight, scale, eps)
-    return fp8_empty_like(x)
-
-
-@torch.library.custom_op("fxfuse::fused_add_rms_norm_static_fp8_quant", mutates_args=())
+@define_op(
+    "fused_add_rms_norm_static_fp8_quant",
+    fake=lambda x, residual, weight, scale, eps: (fp8_empty_like(x), x.new_empty(x.shape)),
+    validate=validate_fused_add_rms_norm_static_fp8_quant,
+)
 def fused_add_rms_norm_static_fp8_quant(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +157,6 @@ def fused_add_rms_norm_static_fp8_quant(
 
     >>> q, r_out = torch.ops.fxfuse.fused_add_rms_norm_static_fp8_quant(x, r, w, scale, 1e-6)
     """
-    validate_fused_add_rms_norm_static_fp8_quant(x, residual, weight, scale, eps)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.norm_quant import QUANT_STATIC, rms_norm_quant
@@ -165,15 +166,11 @@ def fused_add_rms_norm_static_fp8_quant(
     return fused_add_rms_norm_static_fp8_quant_native(x, residual, weight, scale, eps)
 
 
-@fused_add_rms_norm_static_fp8_quant.register_fake
-def _(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_fused_add_rms_norm_static_fp8_quant(x, residual, weight, scale, eps)
-    return fp8_empty_like(x), x.new_empty(x.shape)
-
-
-@torch.library.custom_op("fxfuse::rms_norm_dynamic_per_token_fp8_quant", mutates_args=())
+@define_op(
+    "rms_norm_dynamic_per_token_fp8_quant",
+    fake=lambda x, weight, eps, scale_ub: (fp8_empty_like(x), per_token_scales_empty(x)),
+    validate=validate_rms_norm_dynamic_per_token_fp8_quant,
+)
 def rms_norm_dynamic_per_token_fp8_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float, scale_ub: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +178,6 @@ def rms_norm_dynamic_per_token_fp8_quant(
 
     >>> q, scales = torch.ops.fxfuse.rms_norm_dynamic_per_token_fp8_quant(x, w, 1e-6)
     """
-    validate_rms_norm_dynamic_per_token_fp8_quant(x, weight, eps, scale_ub)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.norm_quant import QUANT_DYNAMIC, rms_norm_quant
@@ -191,15 +187,13 @@ def rms_norm_dynamic_per_token_fp8_quant(
     return rms_norm_dynamic_per_token_fp8_quant_native(x, weight, eps, scale_ub)
 
 
-@rms_norm_dynamic_per_token_fp8_quant.register_fake
-def _(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, scale_ub: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_rms_norm_dynamic_per_token_fp8_quant(x, weight, eps, scale_ub)
-    return fp8_empty_like(x), per_token_scales_empty(x)
-
-
-@torch.library.custom_op("fxfuse::fused_add_rms_norm_dynamic_per_token_fp8_quant", mutates_args=())
+@define_op(
+    "fused_add_rms_norm_dynamic_per_token_fp8_quant",
+    fake=lambda x, residual, weight, eps, scale_ub: (
+        fp8_empty_like(x), per_token_scales_empty(x), x.new_empty(x.shape)
+    ),
+    validate=validate_fused_add_rms_norm_dynamic_per_token_fp8_quant,
+)
 def fused_add_rms_norm_dynamic_per_token_fp8_quant(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -211,7 +205,6 @@ def fused_add_rms_norm_dynamic_per_token_fp8_quant(
 
     >>> q, scales, r_out = torch.ops.fxfuse.fused_add_rms_norm_dynamic_per_token_fp8_quant(x, r, w, 1e-6)
     """
-    validate_fused_add_rms_norm_dynamic_per_token_fp8_quant(x, residual, weight, eps, scale_ub)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.norm_quant import QUANT_DYNAMIC, rms_norm_quant
@@ -223,34 +216,19 @@ def fused_add_rms_norm_dynamic_per_token_fp8_quant(
     return fused_add_rms_norm_dynamic_per_token_fp8_quant_native(x, residual, weight, eps, scale_ub)
 
 
-@fused_add_rms_norm_dynamic_per_token_fp8_quant.register_fake
-def _(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    scale_ub: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    validate_fused_add_rms_norm_dynamic_per_token_fp8_quant(x, residual, weight, eps, scale_ub)
-    return fp8_empty_like(x), per_token_scales_empty(x), x.new_empty(x.shape)
-
-
-@torch.library.custom_op("fxfuse::silu_and_mul_static_fp8_quant", mutates_args=())
+@define_op(
+    "silu_and_mul_static_fp8_quant",
+    fake=lambda x, scale: x.new_empty(silu_and_mul_out_shape(x), dtype=torch.float8_e4m3fn),
+    validate=validate_silu_and_mul_static_fp8_quant,
+)
 def silu_and_mul_static_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """SiLU-and-mul then static FP8 quant; ``x`` is ``[..., 2 * d]``, the output ``[..., d]`` fp8.
 
     >>> q = torch.ops.fxfuse.silu_and_mul_static_fp8_quant(x, scale)
     """
-    validate_silu_and_mul_static_fp8_quant(x, scale)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.activation import OUT_FP8, silu_and_mul
 
         return silu_and_mul(x, OUT_FP8, scale)
     return silu_and_mul_static_fp8_quant_native(x, scale)
-
-
-@silu_and_mul_static_fp8_quant.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    validate_silu_and_mul_static_fp8_quant(x, scale)
-    return x.new_empty(silu_and_mul_out_shape(x), dtype=torch.float8_e4m3fn)

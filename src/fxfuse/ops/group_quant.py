@@ -34,6 +34,7 @@ import torch
 
 from . import _validate as V
 from ._dispatch import use_kernels
+from ._register import define_op
 from .activation import silu_and_mul_native, silu_and_mul_out_shape, validate_silu_and_mul
 from .norm import fused_add_rms_norm_native, rms_norm_native, validate_fused_add_rms_norm, validate_rms_norm
 from .quant import FP8_DTYPE, FP8_MAX, MIN_DYNAMIC_SCALE, _quantize_with_inv_scale
@@ -193,7 +194,11 @@ def _group_outputs(
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("fxfuse::group_fp8_quant", mutates_args=())
+@define_op(
+    "group_fp8_quant",
+    fake=lambda x, group_size, column_major_scales: _group_outputs(x, x.shape[-1], group_size, column_major_scales),
+    validate=validate_group_fp8_quant,
+)
 def group_fp8_quant(
     x: torch.Tensor, group_size: int, column_major_scales: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +214,6 @@ def group_fp8_quant(
     >>> scales.shape
     torch.Size([4, 2])
     """
-    validate_group_fp8_quant(x, group_size, column_major_scales)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.group_quant import group_fp8
@@ -218,13 +222,13 @@ def group_fp8_quant(
     return group_fp8_quant_native(x, group_size, column_major_scales)
 
 
-@group_fp8_quant.register_fake
-def _(x: torch.Tensor, group_size: int, column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_group_fp8_quant(x, group_size, column_major_scales)
-    return _group_outputs(x, x.shape[-1], group_size, column_major_scales)
-
-
-@torch.library.custom_op("fxfuse::rms_norm_group_fp8_quant", mutates_args=())
+@define_op(
+    "rms_norm_group_fp8_quant",
+    fake=lambda x, weight, eps, group_size, column_major_scales: _group_outputs(
+        x, x.shape[-1], group_size, column_major_scales
+    ),
+    validate=validate_rms_norm_group_fp8_quant,
+)
 def rms_norm_group_fp8_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int, column_major_scales: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +237,6 @@ def rms_norm_group_fp8_quant(
 
     >>> q, scales = torch.ops.fxfuse.rms_norm_group_fp8_quant(x, w, 1e-6, 128)
     """
-    validate_rms_norm_group_fp8_quant(x, weight, eps, group_size, column_major_scales)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.group_quant import rms_norm_group_fp8
@@ -243,15 +246,23 @@ def rms_norm_group_fp8_quant(
     return rms_norm_group_fp8_quant_native(x, weight, eps, group_size, column_major_scales)
 
 
-@rms_norm_group_fp8_quant.register_fake
-def _(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int, column_major_scales: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_rms_norm_group_fp8_quant(x, weight, eps, group_size, column_major_scales)
-    return _group_outputs(x, x.shape[-1], group_size, column_major_scales)
+def _fused_add_rms_norm_group_fp8_quant_fake(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    group_size: int,
+    column_major_scales: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, scales = _group_outputs(x, x.shape[-1], group_size, column_major_scales)
+    return q, scales, x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fxfuse::fused_add_rms_norm_group_fp8_quant", mutates_args=())
+@define_op(
+    "fused_add_rms_norm_group_fp8_quant",
+    fake=_fused_add_rms_norm_group_fp8_quant_fake,
+    validate=validate_fused_add_rms_norm_group_fp8_quant,
+)
 def fused_add_rms_norm_group_fp8_quant(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -264,7 +275,6 @@ def fused_add_rms_norm_group_fp8_quant(
 
     >>> q, scales, r_out = torch.ops.fxfuse.fused_add_rms_norm_group_fp8_quant(x, r, w, 1e-6, 128)
     """
-    validate_fused_add_rms_norm_group_fp8_quant(x, residual, weight, eps, group_size, column_major_scales)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.group_quant import rms_norm_group_fp8
@@ -273,21 +283,13 @@ def fused_add_rms_norm_group_fp8_quant(
     return fused_add_rms_norm_group_fp8_quant_native(x, residual, weight, eps, group_size, column_major_scales)
 
 
-@fused_add_rms_norm_group_fp8_quant.register_fake
-def _(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    group_size: int,
-    column_major_scales: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    validate_fused_add_rms_norm_group_fp8_quant(x, residual, weight, eps, group_size, column_major_scales)
-    q, scales = _group_outputs(x, x.shape[-1], group_size, column_major_scales)
-    return q, scales, x.new_empty(x.shape)
-
-
-@torch.library.custom_op("fxfuse::silu_and_mul_group_fp8_quant", mutates_args=())
+@define_op(
+    "silu_and_mul_group_fp8_quant",
+    fake=lambda x, group_size, column_major_scales: _group_outputs(
+        x, silu_and_mul_out_shape(x)[-1], group_size, column_major_scales
+    ),
+    validate=validate_silu_and_mul_group_fp8_quant,
+)
 def silu_and_mul_group_fp8_quant(
     x: torch.Tensor, group_size: int, column_major_scales: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,16 +298,9 @@ def silu_and_mul_group_fp8_quant(
 
     >>> q, scales = torch.ops.fxfuse.silu_and_mul_group_fp8_quant(x, 128)
     """
-    validate_silu_and_mul_group_fp8_quant(x, group_size, column_major_scales)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.group_quant import silu_and_mul_group_fp8
 
         return silu_and_mul_group_fp8(x, group_size, column_major_scales)
     return silu_and_mul_group_fp8_quant_native(x, group_size, column_major_scales)
-
-
-@silu_and_mul_group_fp8_quant.register_fake
-def _(x: torch.Tensor, group_size: int, column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_silu_and_mul_group_fp8_quant(x, group_size, column_major_scales)
-    return _group_outputs(x, silu_and_mul_out_shape(x)[-1], group_size, column_major_scales)

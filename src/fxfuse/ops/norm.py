@@ -8,6 +8,7 @@ import torch
 
 from . import _validate as V
 from ._dispatch import use_kernels
+from ._register import define_op
 
 # --------------------------------------------------------------------------- native math
 
@@ -61,7 +62,7 @@ def validate_fused_add_rms_norm(
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("fxfuse::rms_norm", mutates_args=())
+@define_op("rms_norm", fake=lambda x, weight, eps: x.new_empty(x.shape), validate=validate_rms_norm)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS norm over the last dim of ``x`` (``[..., hidden]``), scaled by ``weight`` (``[hidden]``).
 
@@ -72,7 +73,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     >>> w = torch.ones(64, dtype=torch.bfloat16)
     >>> y = torch.ops.fxfuse.rms_norm(x, w, 1e-6)
     """
-    validate_rms_norm(x, weight, eps)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.norm_quant import rms_norm_quant
@@ -81,13 +81,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_native(x, weight, eps)
 
 
-@rms_norm.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    validate_rms_norm(x, weight, eps)
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("fxfuse::fused_add_rms_norm", mutates_args=())
+@define_op(
+    "fused_add_rms_norm",
+    fake=lambda x, residual, weight, eps: (x.new_empty(x.shape), x.new_empty(x.shape)),
+    validate=validate_fused_add_rms_norm,
+)
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +99,6 @@ def fused_add_rms_norm(
     >>> w = torch.ones(64, dtype=torch.bfloat16)
     >>> y, r_out = torch.ops.fxfuse.fused_add_rms_norm(x, r, w, 1e-6)
     """
-    validate_fused_add_rms_norm(x, residual, weight, eps)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.norm_quant import rms_norm_quant
@@ -109,11 +106,3 @@ def fused_add_rms_norm(
         y, _, _, residual_out = rms_norm_quant(x, weight, eps, residual=residual)
         return y, residual_out
     return fused_add_rms_norm_native(x, residual, weight, eps)
-
-
-@fused_add_rms_norm.register_fake
-def _(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_fused_add_rms_norm(x, residual, weight, eps)
-    return x.new_empty(x.shape), x.new_empty(x.shape)

@@ -42,6 +42,7 @@ import torch
 
 from . import _validate as V
 from ._dispatch import use_kernels
+from ._register import define_op
 from .activation import silu_and_mul_native, validate_silu_and_mul
 from .quant import FP8_DTYPE, FP8_MAX
 
@@ -276,7 +277,7 @@ def nvfp4_empty(x: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("fxfuse::nvfp4_quant", mutates_args=())
+@define_op("nvfp4_quant", fake=lambda x, global_scale: nvfp4_empty(x, x.shape[-1]), validate=validate_nvfp4_quant)
 def nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to NVFP4; returns ``(q, block_scales)``.
 
@@ -292,7 +293,6 @@ def nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tens
     >>> q.shape, block_scales.shape
     (torch.Size([4, 32]), torch.Size([128, 4]))
     """
-    validate_nvfp4_quant(x, global_scale)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.quant import nvfp4
@@ -301,13 +301,11 @@ def nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tens
     return nvfp4_quant_native(x, global_scale)
 
 
-@nvfp4_quant.register_fake
-def _(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_nvfp4_quant(x, global_scale)
-    return nvfp4_empty(x, x.shape[-1])
-
-
-@torch.library.custom_op("fxfuse::silu_and_mul_nvfp4_quant", mutates_args=())
+@define_op(
+    "silu_and_mul_nvfp4_quant",
+    fake=lambda x, global_scale: nvfp4_empty(x, x.shape[-1] // 2),
+    validate=validate_silu_and_mul_nvfp4_quant,
+)
 def silu_and_mul_nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU-and-mul then NVFP4 quant; equal to the two-op chain bit for bit.
 
@@ -321,16 +319,9 @@ def silu_and_mul_nvfp4_quant(x: torch.Tensor, global_scale: torch.Tensor) -> tup
     >>> q.shape
     torch.Size([4, 32])
     """
-    validate_silu_and_mul_nvfp4_quant(x, global_scale)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.activation import OUT_NVFP4, silu_and_mul
 
         return silu_and_mul(x, OUT_NVFP4, global_scale)
     return silu_and_mul_nvfp4_quant_native(x, global_scale)
-
-
-@silu_and_mul_nvfp4_quant.register_fake
-def _(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_silu_and_mul_nvfp4_quant(x, global_scale)
-    return nvfp4_empty(x, x.shape[-1] // 2)

@@ -14,6 +14,7 @@ import torch
 
 from . import _validate as V
 from ._dispatch import use_kernels
+from ._register import define_op
 
 FP8_DTYPE = torch.float8_e4m3fn
 #: Largest finite float8_e4m3fn value.
@@ -97,7 +98,9 @@ def per_token_scales_empty(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("fxfuse::static_scaled_fp8_quant", mutates_args=())
+@define_op(
+    "static_scaled_fp8_quant", fake=lambda x, scale: fp8_empty_like(x), validate=validate_static_scaled_fp8_quant
+)
 def static_scaled_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Quantize ``x`` to float8_e4m3fn with a per-tensor dequant ``scale`` (``x ~= q * scale``).
 
@@ -108,7 +111,6 @@ def static_scaled_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     >>> scale = torch.tensor([0.01])
     >>> q = torch.ops.fxfuse.static_scaled_fp8_quant(x, scale)
     """
-    validate_static_scaled_fp8_quant(x, scale)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.quant import static_fp8
@@ -117,13 +119,11 @@ def static_scaled_fp8_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return static_scaled_fp8_quant_native(x, scale)
 
 
-@static_scaled_fp8_quant.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    validate_static_scaled_fp8_quant(x, scale)
-    return fp8_empty_like(x)
-
-
-@torch.library.custom_op("fxfuse::dynamic_per_token_fp8_quant", mutates_args=())
+@define_op(
+    "dynamic_per_token_fp8_quant",
+    fake=lambda x, scale_ub: (fp8_empty_like(x), per_token_scales_empty(x)),
+    validate=validate_dynamic_per_token_fp8_quant,
+)
 def dynamic_per_token_fp8_quant(
     x: torch.Tensor, scale_ub: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,16 +138,9 @@ def dynamic_per_token_fp8_quant(
     >>> scales.shape
     torch.Size([4, 1])
     """
-    validate_dynamic_per_token_fp8_quant(x, scale_ub)
     # On CUDA a Triton kernel; the native function is the reference everywhere else.
     if use_kernels(x):
         from ..kernels.quant import dynamic_fp8
 
         return dynamic_fp8(x, scale_ub)
     return dynamic_per_token_fp8_quant_native(x, scale_ub)
-
-
-@dynamic_per_token_fp8_quant.register_fake
-def _(x: torch.Tensor, scale_ub: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    validate_dynamic_per_token_fp8_quant(x, scale_ub)
-    return fp8_empty_like(x), per_token_scales_empty(x)
