@@ -455,17 +455,17 @@ class TracedRewrite:
         for g in inputs.guards():
             if not (isinstance(g, sympy.Eq) and all(isinstance(a, sympy.Symbol) for a in g.args)):
                 continue
-            name = max(str(a) for a in g.args)
-            arg, dim = name.rsplit(".", 1)
-            spec = next(v for a, v in zip(self.args, values) if a.name == arg)
-            tried = {**hints, name: 2 * hints.get(name, spec.shape[int(dim)])}
-            try:
-                other = _inputs(self.args, values, symbolic=True, hints=tried)
-                again = self._trace(self.rewrite.pattern, other, v2=v2, what="pattern")
-            except RewriteError:
-                continue
-            if g not in other.guards():
-                return self._apart(again, other, values, v2=v2, hints=tried, depth=depth + 1)
+            for name in sorted((str(a) for a in g.args), reverse=True):  # either side may be the free one
+                arg, dim = name.rsplit(".", 1)
+                spec = next(v for a, v in zip(self.args, values) if a.name == arg)
+                tried = {**hints, name: 2 * hints.get(name, spec.shape[int(dim)])}
+                try:
+                    other = _inputs(self.args, values, symbolic=True, hints=tried)
+                    again = self._trace(self.rewrite.pattern, other, v2=v2, what="pattern")
+                except RewriteError:
+                    continue
+                if g not in other.guards():
+                    return self._apart(again, other, values, v2=v2, hints=tried, depth=depth + 1)
         return gm, inputs
 
     def _literal_positions(self, pattern: Pattern, nones: frozenset[str], *, v2: bool) -> Pattern:
