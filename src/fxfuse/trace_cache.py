@@ -109,9 +109,13 @@ def _skipped_roots() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[set[str]]:
+def recording() -> Iterator[Optional[set[str]]]:
     """Collect the source files of the Python functions that run inside the block, outside
-    torch, fxfuse and the standard library."""
+    torch, fxfuse and the standard library. Yields None (nothing recorded, so nothing will
+    be cached) where a profiler already holds the hook: it is not taken from it."""
+    if sys.getprofile() is not None or not enabled():
+        yield None
+        return
     files: set[str] = set()
     seen: set[str] = set()
     skip = _skipped_roots()
@@ -256,9 +260,9 @@ def store(key: Optional[str], data: Any, files: Optional[set[str]], schemas: Opt
     """Keep ``data`` under ``key``, in memory and on disk (atomically; errors are logged,
     never raised: a cache that cannot be written only makes the next process slower).
     ``schemas``: ops that ``data`` holds only inside blobs of `dumps`."""
-    if key is None or not enabled():
+    if key is None or not enabled() or files is None:
         return
-    deps = _dependencies(files or set())
+    deps = _dependencies(files)
     if deps is None:
         return
     try:
