@@ -96,7 +96,7 @@ def expected_misses(model: Any, passes: Sequence[fxfuse.FusionPass]) -> dict[str
     fused_attention = expected_matches(model)["attn_quant_fusion"]
     unfused_attention = model.config.num_layers - fused_attention
     final_norm_fused = getattr(model.config, "tp_size", 1) > 1
-    starts_at = lambda t, op: t.variants[0].anchor.target is op  # noqa: E731
+    starts_at = lambda t, op: t.anchors[0].target is op  # noqa: E731
     table: dict[str, dict[str, int]] = {}
     for p in passes:
         for t in p.traced:
@@ -321,7 +321,7 @@ def patterns(args: argparse.Namespace) -> int:
         for traced in p.traced:
             kinds = ", ".join(f"{a.name}: {'Tensor' if a.kind is torch.Tensor else a.kind.__name__}"
                               f"{' | None' if a.optional else ''}" for a in traced.args)
-            print(f"# {traced.name} ({kinds}); found from {traced.variants[0].anchor}")
+            print(f"# {traced.name} ({kinds}); found from {traced.anchors[0]}")
             for v in traced.variants:
                 if v.swaps:
                     continue  # commuted variants: the same pattern with operands swapped
