@@ -10,6 +10,7 @@ chains another rewrite took. So ``explain``, the miss table and ``fxfuse demo`` 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -128,10 +129,14 @@ class _Captured:
 
 def _capture(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict, pre_passes: Sequence[FusionPass] = ()) -> list[_Captured]:
     captured: list[_Captured] = []
+    seen: weakref.WeakSet = weakref.WeakSet()
     base = compat.custom_graph_pass_base()
 
     class _Pre(base):  # type: ignore[misc, valid-type]
         def __call__(self, graph: torch.fx.Graph) -> None:
+            if graph in seen:
+                return  # torch 2.9 runs this hook twice a graph; the first sees it as received
+            seen.add(graph)
             captured.append(_Captured(_copy(graph.owning_module)))
             for p in pre_passes:  # as a compile runs them: Inductor's passes see their result
                 p.apply(graph, report=False)

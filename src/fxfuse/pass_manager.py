@@ -138,6 +138,8 @@ class PassManager:
         """The pre stage: the pre passes, a chained pre-stage pass, then the chains the post
         passes expect. The pre passes' counts are recorded at the post stage, where
         Inductor keeps what a compile counted for its FX graph cache to replay."""
+        if graph in self._seen:
+            return  # torch 2.9 runs Inductor's joint-graph passes, and so this hook, twice a graph
         t0 = time.perf_counter()
         results = [(p, p.apply(graph)) for p in self.pre_passes]
         if self.pre_chain is not None:
