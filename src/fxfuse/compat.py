@@ -9,7 +9,6 @@ because nightlies and vendor builds carry version strings that lie.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import warnings
 from collections import Counter
