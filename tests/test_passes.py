@@ -170,12 +170,16 @@ def test_noop_elimination_removes_only_noops():
 
 def test_default_passes_order_and_config():
     # allreduce_rms_fusion before rms_quant_fusion: its chains contain that pass's chains.
+    # qk_norm_rope_fusion before rms_quant_fusion (the per-head norms are not that pass's)
+    # and before rope_kv_cache_fusion (both want the rotation); rope_kv_cache_fusion after
+    # attn_quant_fusion (whose attention has no rotation folded in).
     assert [p.name for p in fxfuse.default_passes()] == [
-        "noop_elimination", "allreduce_rms_fusion", "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion",
-        "native_lowering",
+        "noop_elimination", "qk_norm_rope_fusion", "allreduce_rms_fusion", "rms_quant_fusion", "act_quant_fusion",
+        "attn_quant_fusion", "rope_kv_cache_fusion", "native_lowering",
     ]
-    only = fxfuse.default_passes(fxfuse.FusionConfig(noop_elimination=False, allreduce_rms=False, act_quant=False,
-                                                     attn_quant=False, native_lowering=False))
+    only = fxfuse.default_passes(fxfuse.FusionConfig(noop_elimination=False, qk_norm_rope=False, allreduce_rms=False,
+                                                     act_quant=False, attn_quant=False, rope_kv_cache=False,
+                                                     native_lowering=False))
     assert [p.name for p in only] == ["rms_quant_fusion"]
     with pytest.raises(TypeError, match="FusionConfig"):
         fxfuse.default_passes({"rms_quant": True})
