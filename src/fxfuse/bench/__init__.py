@@ -61,8 +61,10 @@ def main(args: argparse.Namespace) -> int:
         print("\nattention (32 query heads, 8 KV heads, head size 128, bf16):")
         results["attention"] = attention.run(bw)
     if "e2e" in sections:
-        print("\nend to end (Llama-3-8B layer shapes, FP8 and block-scaled FP8, triton attention, CUDA graphs):")
-        results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")))
+        presets = tuple(args.e2e_models.split(","))
+        print(f"\nend to end ({', '.join(presets)} layer shapes, {args.layers} layers; {args.e2e_quant}; "
+              "triton attention, CUDA graphs):")
+        results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")), presets=presets)
     if "tp" in sections:
         print(f"\ntensor parallel over {args.tp} GPUs: fused all-reduce + add + RMSNorm (+ FP8) vs NCCL "
               "all-reduce + fxfuse's fused norm, bf16 partial sums (us):")
@@ -109,6 +111,13 @@ def e2e_layers() -> int:
     return LAYERS
 
 
+def e2e_presets() -> tuple[str, ...]:
+    """The end-to-end benchmark's default presets (`e2e.PRESETS`), one per model family."""
+    from .e2e import PRESETS
+
+    return PRESETS
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", help="comma-separated sections: ops,gemm,attention,e2e,tp "
                                   "(default: all but tp, which needs --tp GPUs)")
@@ -116,7 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", help="comma-separated token counts for the op, GEMM and tp benchmarks "
                                     "(default: 1,16,256,4096,32768; 1,16,256,4096,16384; 1,16,256,2048,8192)")
     p.add_argument("--layers", type=int, default=e2e_layers(),
-                   help="layers of the end-to-end model (default: all of Llama-3-8B's, %(default)s)")
+                   help="layers of each end-to-end model (default: all of Llama-3-8B's, %(default)s, for every preset)")
+    p.add_argument("--e2e-models", default=",".join(e2e_presets()),
+                   help="comma-separated model presets of the end-to-end rows (default: %(default)s)")
     p.add_argument("--e2e-quant", default="fp8,fp8-block",
                    help="comma-separated quant schemes of the end-to-end model (default: fp8,fp8-block)")
     p.add_argument("--tp", type=int, default=2, metavar="N",
