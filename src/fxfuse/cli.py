@@ -28,6 +28,10 @@ MODEL_PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
+#: How the demo names each family.
+MODEL_NAMES: dict[str, str] = {"llama": "Llama", "qwen3": "Qwen3", "gemma3": "Gemma 3"}
+
+
 def resolve_model(model: str | None, preset: str) -> tuple[str, str]:
     """``(family, preset name)`` of ``--model``/``--preset``: ``tiny`` is the family's CPU
     preset (``--model`` defaults to ``llama``); another preset names its family, which
@@ -250,7 +254,7 @@ def _demo_report(args: argparse.Namespace, tp1: tuple[torch.Tensor, torch.Tensor
     register_s = time.perf_counter() - t0
 
     tp = f", tensor parallel over {args.tp} ranks (counts: all ranks)" if args.tp > 1 else ""
-    print(f"fxfuse demo: {args.preset} ({cfg.family}), {cfg.num_layers} layers, {args.quant}, {args.device}{tp}, "
+    print(f"fxfuse demo: {args.preset} {MODEL_NAMES[cfg.family]}, {cfg.num_layers} layers, {args.quant}, {args.device}{tp}, "
           f"attention backend {args.attention_backend}, torch {torch.__version__}; "
           f"prompts of {[len(p) for p in prompts]} tokens, {args.new_tokens} new each")
     print(f"\npipeline (registered in {register_s * 1e3:.0f} ms):")
