@@ -17,21 +17,23 @@ import fxfuse
 from ..attention import AttentionMetadata, ForwardContext, KVCache, TritonAttentionBackend, set_forward_context
 from .timing import graph_us
 
+#: Where the models run: the GPU (a test runs the whole path on the CPU, kernels interpreted).
+DEVICE = "cuda"
 DECODE = ((1, 1024), (32, 1024), (256, 1024))  # (sequences, context incl. the new token)
 PREFILL = ((1, 2048), (32, 256), (256, 32))  # (sequences, prompt tokens each)
 
 
 def block_size() -> int:
     """The KV block size the triton backend prefers on this GPU (what ModelRunner takes)."""
-    return TritonAttentionBackend().preferred_block_size(torch.device("cuda")) or 16
+    return TritonAttentionBackend().preferred_block_size(torch.device(DEVICE)) or 16
 
 
 def _batch(cfg, seqs: int, new: int, total: int, block: int):
     per = -(-total // block)
     table = torch.arange(seqs * per, dtype=torch.int32).view(seqs, per)
-    meta = AttentionMetadata.from_lens([new] * seqs, [total] * seqs, table, block, device="cuda")
-    positions = torch.arange(total - new, total, device="cuda").repeat(seqs)
-    ids = torch.randint(cfg.vocab_size, (seqs * new,), device="cuda")
+    meta = AttentionMetadata.from_lens([new] * seqs, [total] * seqs, table, block, device=DEVICE)
+    positions = torch.arange(total - new, total, device=DEVICE).repeat(seqs)
+    ids = torch.randint(cfg.vocab_size, (seqs * new,), device=DEVICE)
     return meta, ids, positions, per * seqs
 
 
@@ -71,7 +73,7 @@ def _run_model(layers: int, quant: str, log, preset: str = "llama3-8b") -> list[
 
     cfg = ModelConfig.preset(preset, quant=quant, num_layers=layers)
     torch.manual_seed(0)
-    model = build_model(cfg, device="cuda", attention_backend="triton")
+    model = build_model(cfg, device=DEVICE, attention_backend="triton")
     variants = {
         "unfused": torch.compile(model, fullgraph=True),
         "fused": fxfuse.compile(model, passes=fxfuse.PassManager(fxfuse.default_passes()), fullgraph=True),
@@ -81,7 +83,7 @@ def _run_model(layers: int, quant: str, log, preset: str = "llama3-8b") -> list[
     for phase, shapes in (("decode", [(b, 1, c) for b, c in DECODE]), ("prefill", [(b, n, n) for b, n in PREFILL])):
         for seqs, new, total in shapes:
             meta, ids, positions, n_blocks = _batch(cfg, seqs, new, total, block)
-            caches = {name: KVCache.allocate(n_blocks, block, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "cuda")
+            caches = {name: KVCache.allocate(n_blocks, block, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, DEVICE)
                       for name in model.attention_layer_names}
             for c in caches.values():
                 c.key_cache.normal_()
