@@ -336,3 +336,28 @@ def test_sizes_read_off_nodes_become_the_size_inputs():
     assert sizes_from_symbol_inputs(g) == 1
     assert e.args[0][0] is size_in and not any(x.target is torch.ops.aten.sym_size.int for x in g.nodes)
     g.lint()
+
+
+# --------------------------------------------------------------------------- on the GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (16, 8, 256)], ids=["qwen3-8b", "gemma3-12b"])
+@pytest.mark.parametrize("tokens", [1, 256, 4097])
+def test_kernel_at_model_shapes_on_the_gpu(hq, hkv, d, tokens):
+    """The compiled kernel (not the interpreter) at Qwen3-8B's and Gemma-3-12B's head shapes,
+    pages of 64 slots: the same bits as the rotation kernel followed by the cache write."""
+    from fxfuse.kernels import rotary as R
+
+    q, k, v = _qkv(tokens, hq, hkv, d, torch.bfloat16, tokens, "cuda")
+    q3, k3, v3 = q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
+    pos = torch.randint(0, 8192, (tokens,), device="cuda")
+    cos_sin = rotary_cos_sin_cache(8192, d, base=1e6, device="cuda")
+    blocks = -(-tokens // 64) + 1
+    slots = torch.randperm(blocks * 64, device="cuda")[:tokens]
+    got, want = (KVCache.allocate(blocks, 64, hkv, d, torch.bfloat16, "cuda") for _ in range(2))
+    q_out = R.rope_kv_cache(pos, q3, k3, v3, d, cos_sin, True, got.key_cache, got.value_cache, slots)
+    q_ref, k_ref = R.rope(pos, q3, k3, d, cos_sin, True)
+    write_kv_cache_native(k_ref, v3.contiguous(), want, slots)
+    assert torch.equal(q_out, q_ref)
+    assert torch.equal(got.key_cache, want.key_cache) and torch.equal(got.value_cache, want.value_cache)

@@ -33,6 +33,10 @@ one unit in the last place on rare elements, as in ``norm_quant.py``.
 
 A position outside ``[0, max_position)`` reads no memory; it gives its token NaN in
 every rotated feature (the ops check positions on the host where that is cheap).
+
+`rope_kv_cache` is the same program with the rotated key and the value written straight
+into their slot of the paged KV cache instead of new tensors: the triton attention
+backend's path when ``attention`` is asked to rotate q and k itself (``rope_kv_cache_fusion``).
 """
 
 from __future__ import annotations
