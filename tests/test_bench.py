@@ -170,6 +170,13 @@ def test_e2e_runs_every_preset_and_quant_and_fails_fast_on_a_typo(monkeypatch):
     assert built == []
     args = build_parser().parse_args(["bench", "--only", "e2e"])
     assert args.e2e_models == "llama3-8b,qwen3-8b,gemma3-12b"
+    # The torch-free parser's copies of the defaults agree with the code's.
+    import fxfuse_cli
+    from fxfuse.cli import MODEL_PRESETS
+    from fxfuse.models import FAMILIES
+
+    assert fxfuse_cli.E2E_PRESETS == e2e.PRESETS
+    assert fxfuse_cli.MODELS == tuple(sorted(FAMILIES)) == tuple(sorted(MODEL_PRESETS))
 
 
 @pytest.mark.compile

@@ -152,6 +152,17 @@ def test_bad_input_is_named(case):
         fx.block_fp8_linear(*args)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -0.25])
+def test_a_nan_or_nonpositive_weight_block_scale_is_named(bad):
+    # The same rule as every other static scale (fp8_linear's, the quant ops'): checked
+    # where reading it is free, the block named by its element.
+    x_q, x_s, w_q, w_s = _problem((3,), 256, 384, 128, False, seed=9)
+    w_s = w_s.clone()
+    w_s[1, 2] = bad
+    with pytest.raises(ValueError, match=rf"`w_scales` must be a positive finite number, got {bad} \(element 5 of 6\)"):
+        fx.block_fp8_linear(x_q, x_s, w_q, w_s)
+
+
 def test_bad_weight_scales_fail_at_trace_time():
     x_q, x_s, w_q, w_s = _problem((4,), 256, 256, 128, False, seed=8)
     with pytest.raises(ValueError, match=r"`w_scales` must have shape \[2, 2\]"):

@@ -260,3 +260,31 @@ def test_explain_reports_each_fusion_site(capsys):
     # The final norm feeds the unquantized LM head: a near miss, with where its value goes instead.
     assert any(line.startswith("rms_quant_fusion/FusedAddRmsNormStaticFp8Quant") and ": no: " in line
                and "aten.mm" in line for line in lines)
+
+
+def test_help_and_bench_without_a_gpu_answer_without_importing_torch():
+    # `import fxfuse` imports torch (seconds); a command that does no work must not.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, fxfuse_cli\n"
+        "for argv in (['--help'], ['patterns', '--help'], ['bench', '--help'], ['bench']):\n"
+        "    try:\n"
+        "        code = fxfuse_cli.main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        code = e.code\n"
+        "    print(argv, code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert len(lines) == 4 and all(line.endswith(" False") for line in lines), out.stdout
+    if not torch.cuda.is_available() and fxfuse_cli_no_gpu():
+        assert lines[-1] == "['bench'] 2 False"
+        assert "needs a CUDA device" in out.stderr
+
+
+def fxfuse_cli_no_gpu():
+    import fxfuse_cli
+
+    return fxfuse_cli.no_gpu_here()

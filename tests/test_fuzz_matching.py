@@ -80,6 +80,13 @@ from torch.utils._pytree import tree_leaves
 import fxfuse
 from conftest import trace_graph
 
+
+@pytest.fixture(autouse=True)
+def _no_trace_cache(monkeypatch):
+    # Each case's rewrites are traced once and never again: keeping them in the trace
+    # cache would only cost disk writes and the recording of what their traces ran.
+    monkeypatch.setenv("FXFUSE_TRACE_CACHE", "0")
+
 CASES = int(os.environ.get("FXFUSE_FUZZ_CASES", "160"))
 BLOCK = 20
 ONLY_SEED = os.environ.get("FXFUSE_FUZZ_SEED")

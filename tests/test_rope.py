@@ -245,6 +245,14 @@ def _within_ulps(a, b, ulps):
     return bool(((a32 - b32).abs() <= step).all()), float((a32 != b32).float().mean())
 
 
+def _within_ulps_of_head(a, b, ulps, head_dim):
+    """Within ``ulps`` steps of each head's largest value (what a rotated pair is made of)."""
+    a32, b32 = a.float().reshape(-1, head_dim), b.float().reshape(-1, head_dim)
+    scale = torch.maximum(a32.abs(), b32.abs()).amax(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    step = ulps * torch.finfo(a.dtype).eps * scale
+    return bool(((a32 - b32).abs() <= step).all()), float((a32 != b32).float().mean())
+
+
 # The interpreter runs a program at a time: fewer tokens there, real model shapes on the GPU.
 KERNEL_CASES = ([(1, 4, 2, 64, 64), (7, 5, 1, 128, 64), (13, 3, 3, 128, 48), (6, 2, 1, 16, 6)] if DEVICE == "cpu"
                 else CASES + [(4096, 32, 8, 128, 128), (257, 16, 8, 256, 256), (300, 32, 4, 128, 64)])
@@ -525,9 +533,11 @@ def test_ops_on_cuda_run_the_kernel(shape, dtype, monkeypatch):
         assert torch.equal(a, b)
     for a, b in zip(got_qk, fx.qk_norm_rope(pos, q, k, qw, kw, EPS, hd, cache, True)):
         # torch's CUDA rsqrt is not correctly rounded; the kernel's 1 / sqrt_rn is: rare
-        # one-ulp differences in a head's rstd, up to two steps of the output after the
-        # norm's two roundings and the rotation.
-        ok, frac = _within_ulps(a, b, 3)
+        # one-ulp differences in a head's rstd, up to two steps of the normalized values
+        # after the norm's two roundings. The rotation adds two such values: where they
+        # cancel (an output near 0) the steps are the inputs', not the output's (the H100
+        # run of 2026-12-07 found one element of 37 heads x 256 four output-ulps off).
+        ok, frac = _within_ulps_of_head(a, b, 3, hd)
         assert ok and frac < 0.02, f"{frac:.3%} of elements differ"
 
 

@@ -49,16 +49,14 @@ def _child(env_extra):
 
 
 @pytest.mark.compile  # three processes, one of them tracing every built-in rewrite
-def test_cold_warm_and_uncached_processes_agree(tmp_path):
+def test_cold_and_warm_processes_agree(tmp_path):
     cache = {"FXFUSE_CACHE_DIR": str(tmp_path / "fxfuse")}
-    cold = _child(cache)  # traces everything, fills the cache
+    cold = _child(cache)  # traces everything (as with no cache at all), fills the cache
     warm = _child(cache)  # reads everything from it
-    fresh = _child({"FXFUSE_TRACE_CACHE": "0"})  # no cache at all
     assert cold["cached"] == 0 and warm["cached"] == warm["rewrites"] == cold["rewrites"] > 30
-    for other in (warm, fresh):
-        assert other["uuids"] == cold["uuids"]
-        assert other["patterns"] == cold["patterns"]
-        assert (other["matches"], other["misses"], other["graph"]) == (cold["matches"], cold["misses"], cold["graph"])
+    assert warm["uuids"] == cold["uuids"]
+    assert warm["patterns"] == cold["patterns"]
+    assert (warm["matches"], warm["misses"], warm["graph"]) == (cold["matches"], cold["misses"], cold["graph"])
     assert cold["matches"]["rms_quant_fusion"] and cold["misses"]
 
 

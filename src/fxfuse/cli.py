@@ -185,7 +185,7 @@ def expected_misses(model: Any, passes: Sequence[fxfuse.FusionPass]) -> dict[str
             if not t.rewrite.report_misses:
                 continue
             if p.name == "rms_quant_fusion":
-                count = norm_misses.get(t.variants[0].anchor.target, 0)
+                count = norm_misses.get(t.anchors[0].target, 0)
             elif p.name == "attn_quant_fusion":
                 count = unfused_attention
             elif p.name == "rope_kv_cache_fusion":
@@ -411,7 +411,7 @@ def patterns(args: argparse.Namespace) -> int:
         for traced in p.traced:
             kinds = ", ".join(f"{a.name}: {'Tensor' if a.kind is torch.Tensor else a.kind.__name__}"
                               f"{' | None' if a.optional else ''}" for a in traced.args)
-            print(f"# {traced.name} ({kinds}); found from {traced.variants[0].anchor}")
+            print(f"# {traced.name} ({kinds}); found from {traced.anchors[0]}")
             for v in traced.variants:
                 if v.swaps:
                     continue  # commuted variants: the same pattern with operands swapped
@@ -478,75 +478,44 @@ def explain_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=sorted(MODEL_PRESETS), default=None,
-                   help="model family: llama (default), qwen3 (per-head q/k norm) or gemma3 ((1+w) norms, q/k norm, "
-                        "sandwich norms, GeGLU)")
-    p.add_argument("--layers", type=int, default=None, help="number of decoder layers (default: the preset's)")
-    p.add_argument("--preset", default="tiny",
-                   help="model preset: tiny (the family's CPU preset, seconds), llama3-8b, qwen3-8b or gemma3-12b")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--quant", choices=["fp8", "nvfp4", "fp8-block"], default="fp8", help="linear-layer quantization: fp8 (per-tensor static), nvfp4, or fp8-block (128x128 weight blocks, per-token-group activations)")
-    p.add_argument("--attention-backend", default="auto",
-                   help="attention backend of every layer: native, native-noquant, triton, or auto "
-                        "(triton on cuda, native on cpu)")
-    p.add_argument("--batch", type=int, default=3, help="number of prompts (ragged lengths)")
-    p.add_argument("--prompt-len", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxfuse", description="fusion passes for torch.compile")
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="compile the reference model with and without fusions and compare")
-    _model_flags(d)
-    d.add_argument("--new-tokens", type=int, default=8)
-    d.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    d.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel ranks: N processes (gloo on cpu, NCCL on cuda, one GPU each); rank 0 reports")
-    d.set_defaults(fn=demo)
-    pt = sub.add_parser("patterns", help="print the registered patterns as readable Python")
-    pt.add_argument("--timing", action="store_true", help="also time the registration of each pass")
-    pt.set_defaults(fn=patterns)
-    e = sub.add_parser("explain", help="why each rewrite did or did not match in the reference model")
-    _model_flags(e)
-    e.add_argument("--rewrite", help="only this rewrite")
-    e.add_argument("--all", action="store_true", help="list every rewrite, also those without any chain in the graphs")
-    e.set_defaults(fn=explain_cmd)
-    b = sub.add_parser("bench", help="kernel, attention and end-to-end benchmarks on CUDA (table, JSON, plot)")
-    from .bench import add_arguments
-
-    add_arguments(b)
-    b.set_defaults(fn=bench_cmd)
-    return parser
-
-
 def bench_cmd(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     return bench_main(args)
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``fxfuse`` command.
+COMMANDS = {"demo": "demo", "patterns": "patterns", "explain": "explain_cmd", "bench": "bench_cmd"}
 
-    Example:
-        >>> main(["demo", "--layers", "2", "--json", "out.json"])
-    """
-    args = build_parser().parse_args(argv)
-    if hasattr(args, "preset"):
+
+def run(args: argparse.Namespace) -> Any:
+    """Run a parsed command (`fxfuse_cli.parse`): ``--model``/``--preset`` are resolved here
+    (the presets are `fxfuse.models`'), a disagreement exits 2."""
+    if args.command in ("demo", "explain"):
         try:
             args.model, args.preset = resolve_model(args.model, args.preset)
         except ValueError as e:
             print(f"fxfuse {args.command}: {e}", file=sys.stderr)
             return 2
-    if getattr(args, "attention_backend", None) == "auto":
-        args.attention_backend = "triton" if args.device == "cuda" else "native"
-    if getattr(args, "layers", None) is not None and args.layers < 1:
-        build_parser().error("--layers must be at least 1")
-    if getattr(args, "tp", 1) < 1:
-        build_parser().error("--tp must be at least 1")
-    return args.fn(args)
+    return globals()[COMMANDS[args.command]](args)
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Entry point of the ``fxfuse`` command (see `fxfuse_cli.main`, which parses before
+    importing fxfuse).
+
+    Example:
+        >>> main(["demo", "--layers", "2", "--json", "out.json"])
+    """
+    import fxfuse_cli
+
+    return fxfuse_cli.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (defined in `fxfuse_cli`, which imports no torch)."""
+    import fxfuse_cli
+
+    return fxfuse_cli.build_parser()
 
 
 if __name__ == "__main__":

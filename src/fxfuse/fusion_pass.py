@@ -286,9 +286,14 @@ class FusionPass:
         return f"FusionPass({self.name!r}, {[r.name for r in self.rewrites]}{stage})"
 
 
+_HOPS: tuple[Any, ...] = ()
+
+
 def _anchor_key(node: torch.fx.Node) -> tuple[Any, Any]:
-    hops = tuple(compat.auto_functionalized_ops().values())
-    return node.target, (node.args[0] if node.target in hops and node.args else None)
+    global _HOPS
+    if not _HOPS:
+        _HOPS = tuple(compat.auto_functionalized_ops().values())
+    return node.target, (node.args[0] if node.target in _HOPS and node.args else None)
 
 
 class _Run:
@@ -297,8 +302,13 @@ class _Run:
     def __init__(self, owner: FusionPass, graph: torch.fx.Graph, report: bool) -> None:
         self.owner, self.graph, self.report = owner, graph, report
         self.ctx = Context(graph)
+        # Only rewrites whose anchor op the graph holds are looked at (their patterns are
+        # read from the trace cache now, the first time a graph could hold their chain).
+        present = {_anchor_key(n) for n in graph.nodes if n.op == "call_function"}
         self.by_anchor: dict[tuple[Any, Any], list[tuple[TracedRewrite, Variant]]] = {}
         for traced in owner._traced:
+            if not any((a.target, a.wrapped) in present for a in traced.anchors):
+                continue
             for v in traced.variants:
                 self.by_anchor.setdefault(v.pattern.anchor_key(), []).append((traced, v))
         self.counts: dict[str, int] = {}

@@ -71,6 +71,8 @@ class Context:
         self._regions: Optional[dict[torch.fx.Node, int]] = None
         self.size_memo: dict[Any, Any] = {}
         self.needs_sort = False  # a splice put a node before one of its inputs
+        self.outputs_memo: dict[Any, Any] = {}  # replacement program + input sizes -> output metadata
+        self.guards_memo: dict[Any, bool] = {}
 
     def call(self, node: torch.fx.Node) -> Call:
         c = self._calls.get(node)
@@ -354,10 +356,11 @@ def guards_hold(match: Match, ctx: Context) -> bool:
     p = match.pattern
     if not p.guards or p.static_sizes:
         return True
-    st = _State(p, ctx)
-    st.bound = match.kwargs
-    sizes = st.sizes()
-    return all(evaluate_condition(g, sizes, ctx.size_memo) is True for g in p.guards)
+    sizes = bound_sizes(match.kwargs)
+    key = (id(p), tuple(sorted((str(k), v) for k, v in sizes.items())))
+    if key not in ctx.guards_memo:
+        ctx.guards_memo[key] = all(evaluate_condition(g, sizes, ctx.size_memo) is True for g in p.guards)
+    return ctx.guards_memo[key]
 
 
 def match_at(pattern: Pattern, site: torch.fx.Node, ctx: Context) -> Match | Failure:

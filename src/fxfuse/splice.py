@@ -89,19 +89,85 @@ def prepare(program: Program, match: Match, ctx: Context, *, symbolic: bool) -> 
         raise TypeError(f"not a term: {t!r}")
 
     mode = _fake_mode(kwargs)
+    key = _signature(program, kwargs)
+    known = ctx.outputs_memo.get(key) if key is not None else None
     with mode if mode is not None else _nullcontext():
-        for c in program.calls:
+        for i, c in enumerate(program.calls):
             if c.op == "get_attr":
                 values.append(mode.from_tensor(c.target) if mode is not None else c.target)
+                continue
+            if known is not None and known[i] is not None:
+                # The same call on inputs of the same sizes (another layer): its outputs'
+                # metadata is known, only the fake tensors are new.
+                values.append(_fresh(known[i]))
                 continue
             args = [value(a) for a in c.args]
             kw = {k: value(v) for k, v in c.kwargs}
             values.append(c.target(*args, **kw))
+    if key is not None and known is None:
+        ctx.outputs_memo[key] = [_spec(c, v) for c, v in zip(program.calls, values)]
     got = [_meta(value(o)) for o in program.outputs]
     want = [_meta(n.meta.get("val")) for n in match.outputs]
     if got != want:
         raise ValueError(f"replacement outputs {_fmt(got)} differ from the matched outputs {_fmt(want)}")
     return Prepared(program, values, sizes, device)
+
+
+def _signature(program: Program, kwargs: dict[str, Any]) -> Any:
+    """What a program's outputs depend on: the program and its inputs' static metadata
+    (None where a size is symbolic: nothing is reused then)."""
+    sig: list[Any] = [id(program)]
+    for name in sorted(kwargs):
+        v = kwargs[name]
+        val = v.meta.get("val") if isinstance(v, torch.fx.Node) else v
+        if isinstance(val, torch.Tensor):
+            if any(isinstance(s, torch.SymInt) for s in (*val.shape, *val.stride())):
+                return None
+            sig.append((name, tuple(val.shape), tuple(val.stride()), val.dtype, val.device))
+        elif isinstance(val, (str, float)):
+            # A str/float wildcard's value is no part of a replacement's structure: the
+            # program was traced with a sentinel in its place (a layer name, an epsilon).
+            sig.append((name, type(val)))
+        else:
+            sig.append((name, type(val), val if isinstance(val, (int, bool, type(None))) else id(val)))
+    return tuple(sig)
+
+
+def _functional(c: Any) -> bool:
+    """A call whose outputs alias none of its inputs: its fake outputs can be made anew.
+    (A view's must stay a view: Inductor decides from storages what may be written in place.)"""
+    from . import compat
+
+    if c.target in tuple(compat.auto_functionalized_ops().values()):
+        return True
+    schema = getattr(c.target, "_schema", None)
+    return schema is not None and all(r.alias_info is None for r in schema.returns) and not schema.is_mutable
+
+
+def _spec(c: Any, value: Any) -> Any:
+    """The metadata to make ``value`` again, or None (to run the call again)."""
+    if c.op != "call_function" or not _functional(c):
+        return None
+
+    def one(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+        if isinstance(v, (tuple, list)):
+            parts = [one(x) for x in v]
+            return None if any(p is None for p in parts) else ("seq", type(v), parts)
+        return ("value", v) if v is None or isinstance(v, (int, float, bool)) else None
+
+    return one(value)
+
+
+def _fresh(spec: Any) -> Any:
+    kind = spec[0]
+    if kind == "tensor":
+        _, shape, stride, dtype, device = spec
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    if kind == "seq":
+        return spec[1](_fresh(p) for p in spec[2])
+    return spec[1]
 
 
 class _nullcontext:

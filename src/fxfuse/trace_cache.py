@@ -109,9 +109,13 @@ def _skipped_roots() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[set[str]]:
+def recording() -> Iterator[Optional[set[str]]]:
     """Collect the source files of the Python functions that run inside the block, outside
-    torch, fxfuse and the standard library."""
+    torch, fxfuse and the standard library. Yields None (nothing recorded, so nothing will
+    be cached) where a profiler already holds the hook: it is not taken from it."""
+    if sys.getprofile() is not None or not enabled():
+        yield None
+        return
     files: set[str] = set()
     seen: set[str] = set()
     skip = _skipped_roots()
@@ -213,7 +217,13 @@ def load(key: Optional[str]) -> Any:
     if key is None or not enabled():
         return None
     if key in _MEMORY:
-        return _MEMORY[key]
+        # Checked again in memory too: a helper file edited while the process runs (and
+        # re-imported) is a new trace here as well. A check is one stat per file.
+        entry, data = _MEMORY[key]
+        if _still_right(entry):
+            return data
+        del _MEMORY[key]
+        return None
     try:
         entry = pickle.loads(_path(key).read_bytes())
         if not isinstance(entry, Entry) or not _still_right(entry):
@@ -224,7 +234,7 @@ def load(key: Optional[str]) -> Any:
     except Exception as e:  # noqa: BLE001 - an unreadable entry is a miss (an op not registered yet, a torn file)
         log.debug("fxfuse: trace cache entry %s unreadable: %s", key[:12], e)
         return None
-    _MEMORY[key] = data
+    _MEMORY[key] = (entry, data)
     return data
 
 
@@ -250,19 +260,20 @@ def store(key: Optional[str], data: Any, files: Optional[set[str]], schemas: Opt
     """Keep ``data`` under ``key``, in memory and on disk (atomically; errors are logged,
     never raised: a cache that cannot be written only makes the next process slower).
     ``schemas``: ops that ``data`` holds only inside blobs of `dumps`."""
-    if key is None or not enabled():
+    if key is None or not enabled() or files is None:
         return
-    deps = _dependencies(files or set())
+    deps = _dependencies(files)
     if deps is None:
         return
     try:
         payload, found = dumps(data)
         schemas = {**(schemas or {}), **found}
-        blob = pickle.dumps(Entry(payload, deps, schemas), protocol=pickle.HIGHEST_PROTOCOL)
+        entry = Entry(payload, deps, schemas)
+        blob = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:  # noqa: BLE001 - data that does not pickle is simply not cached
         log.debug("fxfuse: trace of %s not cached: %s", key[:12], e)
         return
-    _MEMORY[key] = data
+    _MEMORY[key] = (entry, data)
     path = _path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from .cache_key import digest
 from .canonicalize import Canonicalization, canonicalize
 from .matcher import Context, Failure, Match, match_at
 from .pattern import (
-    Binder, Const, Pattern, Program, Ref, Var, anchor_for, pattern_from_graph, program_from_graph, refs_at,
+    Binder, Const, Pattern, Program, Ref, Seq, Var, anchor_for, pattern_from_graph, program_from_graph, refs_at, terms,
 )
 from .rewrite import Rewrite, RewriteError, TensorSpec
 from .schema import dim_text, op_name
@@ -455,18 +455,54 @@ class TracedRewrite:
         for g in inputs.guards():
             if not (isinstance(g, sympy.Eq) and all(isinstance(a, sympy.Symbol) for a in g.args)):
                 continue
-            name = max(str(a) for a in g.args)
-            arg, dim = name.rsplit(".", 1)
-            spec = next(v for a, v in zip(self.args, values) if a.name == arg)
-            tried = {**hints, name: 2 * hints.get(name, spec.shape[int(dim)])}
-            try:
-                other = _inputs(self.args, values, symbolic=True, hints=tried)
-                again = self._trace(self.rewrite.pattern, other, v2=v2, what="pattern")
-            except RewriteError:
-                continue
-            if g not in other.guards():
-                return self._apart(again, other, values, v2=v2, hints=tried, depth=depth + 1)
+            for name in sorted((str(a) for a in g.args), reverse=True):  # either side may be the free one
+                arg, dim = name.rsplit(".", 1)
+                spec = next(v for a, v in zip(self.args, values) if a.name == arg)
+                tried = {**hints, name: 2 * hints.get(name, spec.shape[int(dim)])}
+                try:
+                    other = _inputs(self.args, values, symbolic=True, hints=tried)
+                    again = self._trace(self.rewrite.pattern, other, v2=v2, what="pattern")
+                except RewriteError:
+                    continue
+                if g not in other.guards():
+                    return self._apart(again, other, values, v2=v2, hints=tried, depth=depth + 1)
         return gm, inputs
+
+    def _literal_positions(self, pattern: Pattern, nones: frozenset[str], *, v2: bool) -> Pattern:
+        """Keep a literal wildcard only where it is: where its value changes with its sample.
+
+        Every literal equal to an int/bool wildcard's sample was taken to be the wildcard;
+        one that is the pattern's own number (``sum(x, d)`` then ``cumsum(..., dim=0)``
+        with ``d``'s sample 0) is not. Traced again with other samples, the pattern's own
+        numbers stay: those positions go back to constants. Where no other sample traces
+        to the same ops, every position stays (verification still makes each match exact).
+        """
+        counts: dict[str, int] = {}
+        for n in pattern.nodes:
+            for t in n.args:
+                for u in terms(t):
+                    if isinstance(u, Var) and u.name in self._literal:
+                        counts[u.name] = counts.get(u.name, 0) + 1
+        twice = [name for name, k in counts.items() if k > 1]
+        if not twice:
+            return pattern
+        saved = dict(self._samples)
+        try:
+            for shift in (1, -1, 2):
+                for name in twice:
+                    v = saved[name]
+                    self._samples[name] = (not v) if type(v) is bool else (v + shift if shift != 2 else 2 * v + 3)
+                try:
+                    gm, inputs, static = self._trace_pattern(self._trace_values(nones), v2=v2)
+                    other = pattern_from_graph(gm, self._binder(gm, inputs, samples=True), static_sizes=static)
+                except (RewriteError, ValueError):
+                    continue
+                kept = _keep_changed(pattern, other, set(twice))
+                if kept is not None:
+                    return kept
+        finally:
+            self._samples = saved
+        return pattern
 
     def _trace_form(self, nones: frozenset[str], *, v2: bool) -> Variant:
         values = self._trace_values(nones)
@@ -477,6 +513,7 @@ class TracedRewrite:
             pattern = pattern_from_graph(gm, binder, static_sizes=static, guards=pattern_guards)
         except ValueError as e:
             raise RewriteError(f"rewrite {self.name}: {e}") from e
+        pattern = self._literal_positions(pattern, nones, v2=v2)
         self._check_tensor_uses(gm, binder, nones)
         anchor = getattr(self.rewrite, "anchor", None)
         if anchor is not None:
@@ -697,6 +734,37 @@ class TracedRewrite:
 
         program = self._memoized(("replacement", variant.form, variant.nones, _signature(generic)), build)
         return splice.prepare(program, match, ctx, symbolic=False)
+
+
+def _keep_changed(a: Pattern, b: Pattern, names: set[str]) -> Optional[Pattern]:
+    """``a`` with each `Var` of ``names`` that ``b`` (traced with other samples) holds as a
+    constant put back to a constant; None when the two traces differ in their ops."""
+    if len(a.nodes) != len(b.nodes):
+        return None
+
+    def merge(ta: Any, tb: Any) -> Any:
+        if isinstance(ta, Var) and ta.name in names:
+            if isinstance(tb, Var) and tb.name == ta.name:
+                return ta
+            # The other trace holds a constant there: so did this one, the same constant.
+            return Const(tb.value) if isinstance(tb, Const) else _Mismatch
+        if isinstance(ta, Seq) and isinstance(tb, Seq) and len(ta.items) == len(tb.items):
+            items = tuple(merge(x, y) for x, y in zip(ta.items, tb.items))
+            return _Mismatch if _Mismatch in items else Seq(items)
+        return ta if type(ta) is type(tb) else _Mismatch
+
+    nodes = []
+    for na, nb in zip(a.nodes, b.nodes):
+        if (na.target, na.wrapped, na.names) != (nb.target, nb.wrapped, nb.names):
+            return None
+        args = tuple(merge(x, y) for x, y in zip(na.args, nb.args))
+        if _Mismatch in args:
+            return None
+        nodes.append(dataclasses.replace(na, args=args))
+    return Pattern(tuple(nodes), a.outputs, a.anchor, a.guards, a.static_sizes)
+
+
+_Mismatch = object()
 
 
 def commutative_nodes(p: Pattern) -> list[str]:

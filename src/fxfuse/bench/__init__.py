@@ -119,22 +119,7 @@ def e2e_presets() -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--only", help="comma-separated sections: ops,gemm,attention,e2e,tp "
-                                  "(default: all but tp, which needs --tp GPUs)")
-    p.add_argument("--ops", help="comma-separated op names to benchmark (default: all)")
-    p.add_argument("--tokens", help="comma-separated token counts for the op, GEMM and tp benchmarks "
-                                    "(default: 1,16,256,4096,32768; 1,16,256,4096,16384; 1,16,256,2048,8192)")
-    p.add_argument("--layers", type=int, default=e2e_layers(),
-                   help="layers of each end-to-end model (default: all of Llama-3-8B's, %(default)s, for every preset)")
-    p.add_argument("--e2e-models", default=",".join(e2e_presets()),
-                   help="comma-separated model presets of the end-to-end rows (default: %(default)s)")
-    p.add_argument("--e2e-quant", default="fp8,fp8-block",
-                   help="comma-separated quant schemes of the end-to-end model (default: fp8,fp8-block)")
-    p.add_argument("--tp", type=int, default=2, metavar="N",
-                   help="GPUs (ranks) of the tp section, one process each (default: %(default)s)")
-    p.add_argument("--json", help="write all results to this JSON file")
-    p.add_argument("--png", help="write the plot here (default: next to --json)")
-    p.add_argument("--write-choices", metavar="PATH",
-                   help="write this device's measured kernel-vs-Inductor table for native_lowering into PATH "
-                        "(other devices' entries of an existing table are kept)")
-    p.add_argument("--plot-from", metavar="JSON", help="only draw the plot of saved results")
+    """The arguments of ``fxfuse bench``; they live in `fxfuse_cli`, which imports no torch."""
+    from fxfuse_cli import add_bench_arguments
+
+    add_bench_arguments(p)

@@ -190,6 +190,7 @@ def validate_block_fp8_linear(
             f"fxfuse.{op}: `w_scales` must be row-major (rows may be padded), got strides {tuple(w_scales.stride())}"
         )
     V.check_same_device(op, "w_scales", w_scales, "x_q", x_q)
+    V.check_scale_value(op, "w_scales", w_scales)  # static, like fp8_linear's: every block's
 
     V.check_out_dtype(op, "out_dtype", out_dtype)
     if bias is not None:
