@@ -80,7 +80,9 @@ def test_kernel_writes_what_rotation_then_cache_write_writes(case, dtype, is_neo
     R = _kernel()
     tokens, hq, hkv, d, rot = case
     q, k, v = _qkv(tokens, hq, hkv, d, dtype, sum(case), DEVICE)
-    q3, k3, v3 = q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
+    q3, k3 = q.view(tokens, hq, d), k.view(tokens, hkv, d)
+    # The value in another layout than q and k: its heads transposed with its tokens.
+    v3 = v.view(tokens, hkv, d).transpose(0, 1).contiguous().transpose(0, 1) if hkv > 1 else v.view(tokens, hkv, d)
     pos = torch.randint(0, 256, (tokens,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     cos_sin = rotary_cos_sin_cache(256, rot, device=DEVICE)
     slots = torch.randperm(32, generator=torch.Generator().manual_seed(2))[:tokens].to(DEVICE)

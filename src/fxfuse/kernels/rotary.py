@@ -304,6 +304,8 @@ def rope_kv_cache(
     tokens = positions.shape[0]
     if tokens == 0:
         return q_out
+    if value.stride(-1) != 1 or (value.dim() == 3 and value.shape[1] > 1 and value.stride(1) != head_size):
+        value = value.contiguous()  # the kernel copies each token's heads as one dense row
     n_q, n_k = _heads(query, head_size), _heads(key, head_size)
     rotary_dim = cos_sin_cache.shape[1]
     hbq, hbk, half, pass_block, warps = rope_launch(n_q, n_k, head_size, rotary_dim)

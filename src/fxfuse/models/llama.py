@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from .decoder import MODEL_CLASSES, ATTENTION_BACKENDS, DecoderForCausalLM, resolve_attention_backend
 from .layers import DecoderLayer
-from .linear import BlockFp8Linear, Fp8Linear, Nvfp4Linear, QuantLinear
+from .linear import FP8_DTYPE, FP8_MAX, MIN_CALIBRATION_AMAX, BlockFp8Linear, Fp8Linear, Nvfp4Linear, QuantLinear
 
 #: The decoder layer (shared by every family since the families were split out).
 LlamaDecoderLayer = DecoderLayer
@@ -46,5 +46,5 @@ MODEL_CLASSES["llama"] = LlamaForCausalLM
 
 __all__ = [
     "LlamaForCausalLM", "LlamaDecoderLayer", "Fp8Linear", "Nvfp4Linear", "BlockFp8Linear", "QuantLinear",
-    "ATTENTION_BACKENDS", "resolve_attention_backend",
+    "ATTENTION_BACKENDS", "resolve_attention_backend", "FP8_DTYPE", "FP8_MAX", "MIN_CALIBRATION_AMAX",
 ]

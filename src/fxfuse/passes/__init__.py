@@ -25,13 +25,15 @@ class FusionConfig:
     """
 
     noop_elimination: bool = True
-    qk_norm_rope: bool = True
     allreduce_rms: bool = True
     rms_quant: bool = True
     act_quant: bool = True
     attn_quant: bool = True
-    rope_kv_cache: bool = True
     native_lowering: bool = True
+    # Added with the model families; last, so a config built positionally keeps its meaning
+    # (the pipeline's order is _PIPELINE's, not the fields').
+    qk_norm_rope: bool = True
+    rope_kv_cache: bool = True
 
 
 # Pipeline order matters: noop elimination exposes producer/consumer pairs to the
