@@ -20,11 +20,19 @@ from typing import Any, Sequence
 
 #: The end-to-end benchmark's default depth: all of Llama-3-8B's layers (`fxfuse.bench.e2e.LAYERS`).
 E2E_LAYERS = 32
+#: The end-to-end benchmark's default presets, one per model family (`fxfuse.bench.e2e.PRESETS`).
+E2E_PRESETS = ("llama3-8b", "qwen3-8b", "gemma3-12b")
+#: ``--model``: the model families (`fxfuse.models.FAMILIES`; each one's presets: `fxfuse.cli.MODEL_PRESETS`).
+MODELS = ("gemma3", "llama", "qwen3")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="model family: llama (default), qwen3 (per-head q/k norm) or gemma3 ((1+w) norms, q/k norm, "
+                        "sandwich norms, GeGLU)")
     p.add_argument("--layers", type=int, default=None, help="number of decoder layers (default: the preset's)")
-    p.add_argument("--preset", default="tiny", help="model preset: tiny (CPU, seconds) or llama3-8b")
+    p.add_argument("--preset", default="tiny",
+                   help="model preset: tiny (the family's CPU preset, seconds), llama3-8b, qwen3-8b or gemma3-12b")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quant", choices=["fp8", "nvfp4", "fp8-block"], default="fp8",
                    help="linear-layer quantization: fp8 (per-tensor static), nvfp4, or fp8-block (128x128 weight "
@@ -45,7 +53,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", help="comma-separated token counts for the op, GEMM and tp benchmarks "
                                     "(default: 1,16,256,4096,32768; 1,16,256,4096,16384; 1,16,256,2048,8192)")
     p.add_argument("--layers", type=int, default=E2E_LAYERS,
-                   help="layers of the end-to-end model (default: all of Llama-3-8B's, %(default)s)")
+                   help="layers of each end-to-end model (default: all of Llama-3-8B's, %(default)s, for every preset)")
+    p.add_argument("--e2e-models", default=",".join(E2E_PRESETS),
+                   help="comma-separated model presets of the end-to-end rows (default: %(default)s)")
     p.add_argument("--e2e-quant", default="fp8,fp8-block",
                    help="comma-separated quant schemes of the end-to-end model (default: fp8,fp8-block)")
     p.add_argument("--tp", type=int, default=2, metavar="N",

@@ -149,3 +149,58 @@ def test_write_choices_keeps_other_devices_entries(tmp_path):
     assert json.loads(path.read_text())["devices"]["GPU A"]["rms_norm"]["4096"]["16"] == "kernel"
     write_choices(str(tmp_path / "new.json"), {"GPU C": {}}, env)
     assert set(json.loads((tmp_path / "new.json").read_text())["devices"]) == {"GPU C"}
+
+
+def test_e2e_runs_every_preset_and_quant_and_fails_fast_on_a_typo(monkeypatch):
+    """The rows: one model per preset and quant scheme, each row naming its model; an
+    unknown preset fails before any model is built."""
+    built = []
+
+    def fake_run_model(layers, quant, log, preset):
+        built.append((preset, quant, layers))
+        return [dict(model=preset, quant=quant, layers=layers)]
+
+    monkeypatch.setattr(e2e, "_run_model", fake_run_model)
+    rows = e2e.run(layers=2, quants=("fp8", "fp8-block"), log=lambda *a: None)
+    assert built == [(p, q, 2) for p in ("llama3-8b", "qwen3-8b", "gemma3-12b") for q in ("fp8", "fp8-block")]
+    assert [r["model"] for r in rows] == [p for p, _, _ in built]
+    built.clear()
+    with pytest.raises(ValueError, match="unknown model preset 'qwen3-9b'"):
+        e2e.run(presets=("qwen3-8b", "qwen3-9b"))
+    assert built == []
+    args = build_parser().parse_args(["bench", "--only", "e2e"])
+    assert args.e2e_models == "llama3-8b,qwen3-8b,gemma3-12b"
+    # The torch-free parser's copies of the defaults agree with the code's.
+    import fxfuse_cli
+    from fxfuse.cli import MODEL_PRESETS
+    from fxfuse.models import FAMILIES
+
+    assert fxfuse_cli.E2E_PRESETS == e2e.PRESETS
+    assert fxfuse_cli.MODELS == tuple(sorted(FAMILIES)) == tuple(sorted(MODEL_PRESETS))
+
+
+@pytest.mark.compile
+def test_e2e_path_of_the_new_families_on_the_cpu(monkeypatch):
+    """`_run_model` end to end at tiny shapes (kernels in Triton's interpreter, the timer
+    faked): both variants compile and run on the triton backend, the fused one fuses, and
+    both compute the same logits."""
+    import fxfuse
+
+    calls = []
+
+    def fake_graph_us(fn, **kwargs):  # each shape times the unfused variant, then the fused one
+        calls.append(fn())
+        return 2.0 if len(calls) % 2 else 1.0
+
+    monkeypatch.setattr(e2e, "graph_us", fake_graph_us)
+    monkeypatch.setattr(e2e, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(e2e, "DECODE", ((2, 9),))
+    monkeypatch.setattr(e2e, "PREFILL", ((1, 5),))
+    fxfuse.reset_match_table()
+    torch._dynamo.reset()
+    rows = e2e._run_model(1, "fp8", lambda *a: None, "gemma3-tiny")
+    assert [(r["model"], r["phase"], r["layers"]) for r in rows] == [("gemma3-tiny", "decode", 1),
+                                                                      ("gemma3-tiny", "prefill", 1)]
+    assert all(r["speedup"] == 2.0 for r in rows)
+    assert all(torch.equal(a, b) for a, b in zip(calls[0::2], calls[1::2], strict=True))
+    assert fxfuse.match_table()["qk_norm_rope_fusion"] == {"QkGemmaNormRope": 1}

@@ -12,30 +12,71 @@ import fxfuse.models
 from fxfuse.cli import TIMING_NOTE, expected_matches, main
 
 
+#: What each family's demo fuses (2 layers): the act-quant and attention rewrites by quant
+#: scheme, and which pass takes the rotation (the q/k norm fusion where the family has one).
+DEMO_ACT = {"fp8": "SiluMulStaticFp8Quant", "nvfp4": "SiluMulNvfp4Quant"}
+DEMO_ATTN = {"fp8": "AttentionStaticFp8Quant", "nvfp4": "AttentionNvfp4Quant"}
+DEMO_ROPE = {
+    "llama": ("rope_kv_cache_fusion", {"fp8": "RopeAttentionFp8", "nvfp4": "RopeAttentionNvfp4"}),
+    "qwen3": ("qk_norm_rope_fusion", {"fp8": "QkNormRope", "nvfp4": "QkNormRope"}),
+    "gemma3": ("qk_norm_rope_fusion", {"fp8": "QkGemmaNormRope", "nvfp4": "QkGemmaNormRope"}),
+}
+
+
 @pytest.mark.compile
-@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
-def test_demo_reports_expected_matches_and_identical_tokens(quant, tmp_path, capsys):
+@pytest.mark.parametrize("model, quant", [("llama", "fp8"), ("llama", "nvfp4"), ("qwen3", "nvfp4"), ("gemma3", "fp8")])
+def test_demo_reports_expected_matches_and_identical_tokens(model, quant, tmp_path, capsys):
     # Ragged prompts, KV-cache decode, dynamic token count: the path an engine takes.
     out = tmp_path / "demo.json"
-    assert main(["demo", "--layers", "2", "--quant", quant, "--new-tokens", "4", "--json", str(out)]) == 0
+    args = ["demo", "--model", model, "--layers", "2", "--quant", quant, "--new-tokens", "4", "--json", str(out)]
+    assert main(args) == 0
     result = json.loads(out.read_text())
+    assert {"match_table", "max_abs_diff", "tokens_fused", "tokens_unfused"} <= set(result)  # DESIGN §7
+    assert result["model"] == model
     table = result["match_table"]
     assert sum(table["rms_quant_fusion"].values()) == 4
-    assert table["act_quant_fusion"] == {"SiluMulStaticFp8Quant" if quant == "fp8" else "SiluMulNvfp4Quant": 2}
-    assert table["attn_quant_fusion"] == {"AttentionStaticFp8Quant" if quant == "fp8" else "AttentionNvfp4Quant": 2}
+    # Gemma 3's GeGLU is plain PyTorch: no act-quant fusion (docs/models.md).
+    assert table.get("act_quant_fusion") == (None if model == "gemma3" else {DEMO_ACT[quant]: 2})
+    assert table["attn_quant_fusion"] == {DEMO_ATTN[quant]: 2}
+    rope_pass, rope_rewrite = DEMO_ROPE[model]
+    assert table[rope_pass] == {rope_rewrite[quant]: 2}
+    assert {"qk_norm_rope_fusion", "rope_kv_cache_fusion"} - {rope_pass} - set(table) == {
+        "qk_norm_rope_fusion", "rope_kv_cache_fusion"} - {rope_pass}
     assert result["max_abs_diff"] == 0.0
     assert result["tokens_fused"] == result["tokens_unfused"]
     assert len(result["tokens_fused"]) == 3 and len(result["tokens_fused"][0]) == 4
-    # The one known near miss: the final norm feeds the unquantized head, once per
-    # rms_quant_fusion rewrite that starts at fused_add_rms_norm; nothing else misses.
+    # The compiled model is the eager one: the same prompts (the demo's defaults) give the
+    # same tokens without torch.compile.
+    cfg = fxfuse.models.ModelConfig.preset(result["preset"], quant=quant, num_layers=2)
+    eager_model = fxfuse.models.build_model(cfg)
+    try:
+        prompts = fxfuse.models.random_prompts(cfg, lengths=[8, 5, 2], seed=0)
+        assert fxfuse.models.run(eager_model, None, prompts, 4).tokens.tolist() == result["tokens_fused"]
+    finally:
+        eager_model.close()
+    # The known near misses: the final norm feeds the unquantized head, once per
+    # rms_quant_fusion rewrite that starts at its op; Gemma's sandwich norms feed no
+    # quant either (2 per layer); nothing else misses.
     misses = result["miss_table"]
     assert misses == result["expected_misses"]
-    assert set(misses) == {"rms_quant_fusion"} and set(misses["rms_quant_fusion"].values()) == {1}
-    assert "FusedAddRmsNormStaticFp8Quant" in misses["rms_quant_fusion"]
-    assert not any(name.startswith("RmsNorm") for name in misses["rms_quant_fusion"])
+    assert set(misses) == {"rms_quant_fusion"}
+    if model == "gemma3":
+        assert misses["rms_quant_fusion"]["FusedAddGemmaRmsNormStaticFp8Quant"] == 1
+        assert misses["rms_quant_fusion"]["GemmaRmsNormStaticFp8Quant"] == 4
+    else:
+        assert set(misses["rms_quant_fusion"].values()) == {1}
+        assert "FusedAddRmsNormStaticFp8Quant" in misses["rms_quant_fusion"]
+        assert not any(name.startswith("RmsNorm") for name in misses["rms_quant_fusion"])
     printed = capsys.readouterr().out
     assert "rms_quant_fusion" in printed and "greedy tokens identical: yes" in printed
     assert "near misses" in printed and "MISMATCH" not in printed
+
+
+def test_model_and_preset_must_agree(capsys):
+    assert main(["demo", "--model", "qwen3", "--preset", "gemma3-12b"]) == 2
+    assert "--preset gemma3-12b is a gemma3 model, not qwen3" in capsys.readouterr().err
+    assert main(["explain", "--preset", "nope"]) == 2
+    assert "unknown model preset 'nope'" in capsys.readouterr().err
 
 
 def test_expected_matches_follow_the_backends_declared_support():
@@ -45,15 +86,54 @@ def test_expected_matches_follow_the_backends_declared_support():
     for quant, backend, attn in cases:
         model = LlamaForCausalLM(ModelConfig.preset("tiny", quant=quant, num_layers=3), attention_backend=backend)
         try:
-            assert expected_matches(model) == {"rms_quant_fusion": 6, "act_quant_fusion": 3, "attn_quant_fusion": attn}
+            assert expected_matches(model) == {"rms_quant_fusion": 6, "act_quant_fusion": 3, "attn_quant_fusion": attn,
+                                               "qk_norm_rope_fusion": 0, "rope_kv_cache_fusion": 3}
         finally:
             model.close()
     # Block-scaled FP8 quantizes attention's output per token group: no backend fuses that.
     config = types.SimpleNamespace(quant="fp8-block", num_layers=2)
     block = types.SimpleNamespace(config=config, attention_layer_names=[])
-    assert expected_matches(block) == {"rms_quant_fusion": 4, "act_quant_fusion": 2, "attn_quant_fusion": 0}
+    assert expected_matches(block) == {"rms_quant_fusion": 4, "act_quant_fusion": 2, "attn_quant_fusion": 0,
+                                       "qk_norm_rope_fusion": 0, "rope_kv_cache_fusion": 0}
     with pytest.raises(ValueError, match="no attention output scheme known for quant 'int4'"):
         expected_matches(types.SimpleNamespace(config=types.SimpleNamespace(quant="int4", num_layers=1)))
+
+
+@pytest.mark.parametrize("preset, quant, want", [
+    ("qwen3-tiny", "fp8", {"rms_quant_fusion": 4, "act_quant_fusion": 2, "attn_quant_fusion": 2,
+                           "qk_norm_rope_fusion": 2, "rope_kv_cache_fusion": 0}),
+    ("gemma3-tiny", "fp8", {"rms_quant_fusion": 4, "act_quant_fusion": 0, "attn_quant_fusion": 2,
+                            "qk_norm_rope_fusion": 2, "rope_kv_cache_fusion": 0}),
+    # No fused Gemma norm + per-token-group quant op: no norm-quant fusion in Gemma fp8-block.
+    ("gemma3-tiny", "fp8-block", {"rms_quant_fusion": 0, "act_quant_fusion": 0, "attn_quant_fusion": 0,
+                                  "qk_norm_rope_fusion": 2, "rope_kv_cache_fusion": 0}),
+])
+def test_expected_matches_of_each_family(preset, quant, want):
+    from fxfuse.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig.preset(preset, quant=quant))
+    try:
+        assert expected_matches(model) == want
+    finally:
+        model.close()
+
+
+def test_a_backend_that_does_not_rotate_expects_the_rotation_unfused():
+    from fxfuse.attention import NativeAttentionBackend
+    from fxfuse.cli import expected_misses
+    from fxfuse.models import LlamaForCausalLM, ModelConfig
+
+    class NoRope(NativeAttentionBackend):
+        name = "cli-test-norope"
+        fuses_rope = False
+
+    model = LlamaForCausalLM(ModelConfig.preset("tiny"), attention_backend=NoRope())
+    try:
+        assert expected_matches(model)["rope_kv_cache_fusion"] == 0
+        misses = expected_misses(model, fxfuse.default_passes())
+        assert misses["rope_kv_cache_fusion"] == {"RopeAttention": 2, "RopeAttentionFp8": 2, "RopeAttentionNvfp4": 2}
+    finally:
+        model.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +158,10 @@ def noquant_demo(tmp_path_factory):
 @pytest.mark.compile
 def test_demo_expects_attention_fusions_only_where_the_backend_supports_them(noquant_demo):
     rc, result, printed, _ = noquant_demo
-    assert result["expected_matches"] == {"rms_quant_fusion": 4, "act_quant_fusion": 2, "attn_quant_fusion": 0}
+    assert result["expected_matches"] == {"rms_quant_fusion": 4, "act_quant_fusion": 2, "attn_quant_fusion": 0,
+                                          "qk_norm_rope_fusion": 0, "rope_kv_cache_fusion": 2}
+    # The rotation folds into the attention that writes the model dtype (nothing quantizes it).
+    assert result["match_table"]["rope_kv_cache_fusion"] == {"RopeAttention": 2}
     assert "attn_quant_fusion" not in result["match_table"]
     assert sum(result["match_table"]["rms_quant_fusion"].values()) == 4
     assert result["tokens_fused"] == result["tokens_unfused"]
@@ -135,6 +218,14 @@ def test_explain_with_an_unknown_rewrite_exits_2_listing_the_known_names(capsys)
 
 
 @pytest.mark.compile
+def test_explain_takes_the_model_family(capsys):
+    assert main(["explain", "--model", "qwen3", "--layers", "1", "--rewrite", "QkNormRope"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("== qk_norm_rope_fusion/QkNormRope: 1 matched, 0 near misses")
+    assert any(line.startswith("qk_norm_rope_fusion/QkNormRope") and line.endswith(": MATCH") for line in lines)
+
+
+@pytest.mark.compile
 def test_explain_reports_each_fusion_site(capsys):
     assert main(["explain", "--layers", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -144,15 +235,20 @@ def test_explain_reports_each_fusion_site(capsys):
         "attn_quant_fusion/AttentionStaticFp8Quant",
         "rms_quant_fusion/FusedAddRmsNormStaticFp8Quant",
         "rms_quant_fusion/RmsNormStaticFp8Quant",
+        "rope_kv_cache_fusion/RopeAttentionFp8",  # the passes run in order: attention writes FP8 by then
     ]
     # One block per rewrite with chains: a header, its pattern once, then one line per chain;
-    # the rewrites without any (the all-reduce ones, without a process group) in one line.
+    # the rewrites without any in one line: the all-reduce ones (no process group), the
+    # q/k norm ones (a Llama normalizes no head) and Gemma's norm ones.
     passes = fxfuse.default_passes()
-    with_sites = [r.name for p in passes if p.name != "allreduce_rms_fusion" for r in p.rewrites]
+    without = {"QkNormRope", "QkGemmaNormRope"}
+    with_sites = [r.name for p in passes if p.name != "allreduce_rms_fusion" for r in p.rewrites
+                  if r.name not in without and "Gemma" not in r.name]
     headers = [line.split(":")[0][3:].split("/")[1] for line in lines if line.startswith("== ")]
     assert headers == with_sites
     (quiet,) = [line for line in lines if line.startswith("no site in the graph for ")]
     assert "allreduce_rms_fusion: 21 rewrites found from _c10d_functional.all_reduce.default" in quiet
+    assert "qk_norm_rope_fusion: 2 rewrites found from aten.reshape.default" in quiet
     starts = [t for p in passes for t in p.traced
               if t.anchors[0].target is torch.ops.fxfuse.silu_and_mul.default]
     assert len(starts) >= 3  # SiLU-and-mul + static FP8, NVFP4, group FP8 (+ a lowering on GPUs)

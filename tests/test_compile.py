@@ -204,7 +204,8 @@ def test_reduce_overhead_cuda_graphs_fuse_the_reference_model():
                 table = fxfuse.match_table()
                 got = {p: sum(table.get(p, {}).values()) for p in expected_matches(model)}
                 assert got == expected_matches(model) == {"rms_quant_fusion": 4, "act_quant_fusion": 2,
-                                                          "attn_quant_fusion": 2}
+                                                          "attn_quant_fusion": 2, "qk_norm_rope_fusion": 0,
+                                                          "rope_kv_cache_fusion": 2}
         assert torch.equal(logits["fused"].argmax(-1), logits["unfused"].argmax(-1))
     finally:
         model.close()

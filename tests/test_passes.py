@@ -75,6 +75,39 @@ def act_nvfp4_chain(x, gs):
     return fx.nvfp4_quant(fx.silu_and_mul(x), gs)
 
 
+def gemma_static_chain(x, w, s):
+    return fx.static_scaled_fp8_quant(fx.gemma_rms_norm(x, w, 1e-6), s)
+
+
+def gemma_add_static_chain(x, r, w, s):
+    y, r2 = fx.fused_add_gemma_rms_norm(x, r, w, 1e-6)
+    return fx.static_scaled_fp8_quant(y, s), r2 * 2
+
+
+def gemma_dynamic_chain(x, w):
+    return fx.dynamic_per_token_fp8_quant(fx.gemma_rms_norm(x, w, 1e-6))
+
+
+def gemma_dynamic_ub_chain(x, w, ub):
+    return fx.dynamic_per_token_fp8_quant(fx.gemma_rms_norm(x, w, 1e-6), ub)
+
+
+def gemma_add_dynamic_chain(x, r, w):
+    y, r2 = fx.fused_add_gemma_rms_norm(x, r, w, 1e-6)
+    q, s = fx.dynamic_per_token_fp8_quant(y)
+    return q, s, r2
+
+
+def gemma_add_dynamic_ub_chain(x, r, w, ub):
+    y, r2 = fx.fused_add_gemma_rms_norm(x, r, w, 1e-6)
+    q, s = fx.dynamic_per_token_fp8_quant(y, ub)
+    return q, s, r2
+
+
+def _gemma_w(h):
+    return 0.1 * torch.randn(h)  # fp32 offsets from 1, as Gemma checkpoints keep them
+
+
 CASES = [
     ("RmsNormStaticFp8Quant", static_chain, lambda t, h, d: (_rand(t, h, dtype=d, scale=30), _rand(h, dtype=d), torch.tensor([0.01])), fx.rms_norm_static_fp8_quant),
     ("FusedAddRmsNormStaticFp8Quant", add_static_chain, lambda t, h, d: (_rand(t, h, dtype=d), _rand(t, h, dtype=d), _rand(h, dtype=d), torch.tensor([0.02])), fx.fused_add_rms_norm_static_fp8_quant),
@@ -84,6 +117,12 @@ CASES = [
     ("FusedAddRmsNormDynamicFp8QuantUb", add_dynamic_ub_chain, lambda t, h, d: (_rand(t, h, dtype=d), _rand(t, h, dtype=d), _rand(h, dtype=d), torch.tensor([1.0])), fx.fused_add_rms_norm_dynamic_per_token_fp8_quant),
     ("SiluMulStaticFp8Quant", act_chain, lambda t, h, d: (_rand(t, 2 * h, dtype=d, scale=4), torch.tensor([0.01])), fx.silu_and_mul_static_fp8_quant),
     ("SiluMulNvfp4Quant", act_nvfp4_chain, lambda t, h, d: (_rand(t, 2 * (h // 16 * 16 or 16), dtype=d, scale=4), torch.tensor([448.0 * 6 / 8])), fx.silu_and_mul_nvfp4_quant),
+    ("GemmaRmsNormStaticFp8Quant", gemma_static_chain, lambda t, h, d: (_rand(t, h, dtype=d, scale=30), _gemma_w(h), torch.tensor([0.01])), fx.gemma_rms_norm_static_fp8_quant),
+    ("FusedAddGemmaRmsNormStaticFp8Quant", gemma_add_static_chain, lambda t, h, d: (_rand(t, h, dtype=d), _rand(t, h, dtype=d), _gemma_w(h).to(d), torch.tensor([0.02])), fx.fused_add_gemma_rms_norm_static_fp8_quant),
+    ("GemmaRmsNormDynamicFp8Quant", gemma_dynamic_chain, lambda t, h, d: (_rand(t, h, dtype=d), _gemma_w(h)), fx.gemma_rms_norm_dynamic_per_token_fp8_quant),
+    ("GemmaRmsNormDynamicFp8QuantUb", gemma_dynamic_ub_chain, lambda t, h, d: (_rand(t, h, dtype=d), _gemma_w(h), torch.tensor([0.5])), fx.gemma_rms_norm_dynamic_per_token_fp8_quant),
+    ("FusedAddGemmaRmsNormDynamicFp8Quant", gemma_add_dynamic_chain, lambda t, h, d: (_rand(t, h, dtype=d), _rand(t, h, dtype=d), _gemma_w(h)), fx.fused_add_gemma_rms_norm_dynamic_per_token_fp8_quant),
+    ("FusedAddGemmaRmsNormDynamicFp8QuantUb", gemma_add_dynamic_ub_chain, lambda t, h, d: (_rand(t, h, dtype=d), _rand(t, h, dtype=d), _gemma_w(h), torch.tensor([1.0])), fx.fused_add_gemma_rms_norm_dynamic_per_token_fp8_quant),
 ]
 
 
@@ -97,6 +136,15 @@ def test_rewrite_matches_and_is_exact(name, chain, make, fused_op, tokens, hidde
     assert fused_op.default in targets(gm)
     assert fxfuse.match_table() in ({"rms_quant_fusion": {name: 1}}, {"act_quant_fusion": {name: 1}})
     assert _equal(gm(*args), chain(*args))
+
+
+def test_a_gemma_norm_is_not_a_llama_norm():
+    """Each norm to its own fused op: a Gemma chain is no Llama-norm chain (their numerics
+    differ), and the Gemma rewrites take the weight in fp32 or the model dtype only."""
+    args = (_rand(5, 64), _gemma_w(64), torch.tensor([0.05]))
+    gm, n = _fuse(gemma_static_chain, args, [_rms()])
+    assert n == 1 and fxfuse.match_table() == {"rms_quant_fusion": {"GemmaRmsNormStaticFp8Quant": 1}}
+    assert fx.rms_norm_static_fp8_quant.default not in targets(gm)
 
 
 def test_every_eps_and_both_dtypes_from_one_registration():
@@ -170,12 +218,16 @@ def test_noop_elimination_removes_only_noops():
 
 def test_default_passes_order_and_config():
     # allreduce_rms_fusion before rms_quant_fusion: its chains contain that pass's chains.
+    # qk_norm_rope_fusion before rms_quant_fusion (the per-head norms are not that pass's)
+    # and before rope_kv_cache_fusion (both want the rotation); rope_kv_cache_fusion after
+    # attn_quant_fusion (whose attention has no rotation folded in).
     assert [p.name for p in fxfuse.default_passes()] == [
-        "noop_elimination", "allreduce_rms_fusion", "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion",
-        "native_lowering",
+        "noop_elimination", "qk_norm_rope_fusion", "allreduce_rms_fusion", "rms_quant_fusion", "act_quant_fusion",
+        "attn_quant_fusion", "rope_kv_cache_fusion", "native_lowering",
     ]
-    only = fxfuse.default_passes(fxfuse.FusionConfig(noop_elimination=False, allreduce_rms=False, act_quant=False,
-                                                     attn_quant=False, native_lowering=False))
+    only = fxfuse.default_passes(fxfuse.FusionConfig(noop_elimination=False, qk_norm_rope=False, allreduce_rms=False,
+                                                     act_quant=False, attn_quant=False, rope_kv_cache=False,
+                                                     native_lowering=False))
     assert [p.name for p in only] == ["rms_quant_fusion"]
     with pytest.raises(TypeError, match="FusionConfig"):
         fxfuse.default_passes({"rms_quant": True})

@@ -87,7 +87,9 @@ def test_every_all_reduce_of_the_model_is_fused_and_the_logits_do_not_change(ran
     world, layers = len(ranks), 3
     act = "SiluMulStaticFp8Quant" if quant == "fp8" else "SiluMulNvfp4Quant"
     attn = "AttentionStaticFp8Quant" if quant == "fp8" else "AttentionNvfp4Quant"
-    per_rank = {**_expected(layers, world), "act_quant_fusion": {act: layers}, "attn_quant_fusion": {attn: layers}}
+    rope = "RopeAttentionFp8" if quant == "fp8" else "RopeAttentionNvfp4"  # each rank's heads' rotation
+    per_rank = {**_expected(layers, world), "act_quant_fusion": {act: layers}, "attn_quant_fusion": {attn: layers},
+                "rope_kv_cache_fusion": {rope: layers}}
     gathered = {p: {k: world * n for k, n in rows.items()} for p, rows in per_rank.items()}
     for result in _each(ranks, "model_fusions_counts_and_outputs"):
         result = result[quant]

@@ -15,16 +15,17 @@ def test_demo_tp2_fuses_every_all_reduce_and_keeps_the_tp1_tokens(tmp_path, capf
     result = json.loads(out.read_text())
     printed = capfd.readouterr().out  # rank 0 prints from its own process
     # Per rank 2n all-reduce fusions (the last into the final norm), 1 norm-quant (layer 0's
-    # input norm), n act-quant and n attention fusions; summed over the 2 ranks.
+    # input norm), n act-quant, n attention and n rotation fusions; summed over the 2 ranks.
     assert result["match_table"] == {
         "allreduce_rms_fusion": {"AllReduceFusedAddRmsNormStaticFp8Quant(cast_to=torch.bfloat16)": 6,
                                  "AllReduceFusedAddRmsNormUnusedResidual(cast_to=torch.bfloat16)": 2},
         "rms_quant_fusion": {"RmsNormStaticFp8Quant": 2},
         "act_quant_fusion": {"SiluMulNvfp4Quant": 4},
         "attn_quant_fusion": {"AttentionNvfp4Quant": 4},
+        "rope_kv_cache_fusion": {"RopeAttentionNvfp4": 4},
     }
     assert result["expected_matches"] == {"allreduce_rms_fusion": 8, "rms_quant_fusion": 2, "act_quant_fusion": 4,
-                                          "attn_quant_fusion": 4}
+                                          "attn_quant_fusion": 4, "qk_norm_rope_fusion": 0, "rope_kv_cache_fusion": 4}
     assert result["miss_table"] == {} == result["expected_misses"]
     assert result["tokens_fused"] == result["tokens_unfused"] == result["tokens_tp1"]
     assert result["max_abs_diff"] == 0.0 and result["max_abs_diff_tp1"] == 0.0 and result["tp"] == 2

@@ -20,6 +20,41 @@ import fxfuse
 from . import compat
 
 
+#: ``--model``: each family's CPU preset (what ``--preset tiny`` means for it) and real one.
+MODEL_PRESETS: dict[str, tuple[str, str]] = {
+    "llama": ("tiny", "llama3-8b"),
+    "qwen3": ("qwen3-tiny", "qwen3-8b"),
+    "gemma3": ("gemma3-tiny", "gemma3-12b"),
+}
+
+
+#: How the demo names each family.
+MODEL_NAMES: dict[str, str] = {"llama": "Llama", "qwen3": "Qwen3", "gemma3": "Gemma 3"}
+
+
+def resolve_model(model: str | None, preset: str) -> tuple[str, str]:
+    """``(family, preset name)`` of ``--model``/``--preset``: ``tiny`` is the family's CPU
+    preset (``--model`` defaults to ``llama``); another preset names its family, which
+    ``--model`` must then agree with. Raises ``ValueError`` naming the mismatch.
+
+    Example:
+        >>> resolve_model("qwen3", "tiny"), resolve_model(None, "gemma3-12b")
+        (('qwen3', 'qwen3-tiny'), ('gemma3', 'gemma3-12b'))
+    """
+    from .models import PRESETS
+
+    if preset == "tiny":
+        family = model or "llama"
+        return family, MODEL_PRESETS[family][0]
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    family = PRESETS[preset].family
+    if model is not None and model != family:
+        raise ValueError(f"--preset {preset} is a {family} model, not {model}; its family's presets: "
+                         f"{', '.join(MODEL_PRESETS[model])} (or --preset tiny)")
+    return family, preset
+
+
 def _config(args: argparse.Namespace, tp_size: int | None = None):
     from .models import ModelConfig
 
@@ -29,10 +64,10 @@ def _config(args: argparse.Namespace, tp_size: int | None = None):
 
 
 def _model(args: argparse.Namespace, tp_size: int | None = None):
-    from .models import LlamaForCausalLM, random_prompts
+    from .models import build_model, random_prompts
 
     cfg = _config(args, tp_size)
-    model = LlamaForCausalLM(cfg, device=args.device, attention_backend=args.attention_backend)
+    model = build_model(cfg, device=args.device, attention_backend=args.attention_backend)
     # Ragged on purpose: one batch mixes sequences of different lengths.
     lengths = [max(1, args.prompt_len - 3 * i) for i in range(args.batch)]
     prompts = random_prompts(cfg, lengths=lengths, seed=args.seed)
@@ -46,10 +81,27 @@ def _model(args: argparse.Namespace, tp_size: int | None = None):
 ATTENTION_OUTPUT_SCHEME: dict[str, str | None] = {"fp8": "fp8_static", "nvfp4": "nvfp4", "fp8-block": None}
 
 
+def _spec(cfg: Any) -> Any:
+    """The model family of ``cfg`` (a config without one, as tests build them, is a Llama)."""
+    from .models.config import FAMILIES
+
+    return FAMILIES[getattr(cfg, "family", "llama")]
+
+
 def expected_matches(model: Any) -> dict[str, int]:
-    """What DESIGN §6 promises for the reference ``model``: ``2n`` norm-quant and ``n``
-    act-quant fusions for ``n`` layers, and one attention-quant fusion per layer whose
-    attention backend declares it can write the model's output quant scheme itself.
+    """What DESIGN §6 and the model families promise for the reference ``model`` of ``n`` layers:
+
+    - ``rms_quant_fusion``: ``2n`` (the norms before QKV and gate/up; Gemma's ``(1 + w)``
+      norms too, except with ``fp8-block``, for which no fused Gemma norm + group quant op
+      exists);
+    - ``act_quant_fusion``: ``n`` where the MLP's activation is ``silu_and_mul`` (Llama,
+      Qwen3; Gemma 3's GeGLU is plain PyTorch: 0);
+    - ``attn_quant_fusion``: one per layer whose attention backend declares it can write
+      the model's output quant scheme itself;
+    - ``qk_norm_rope_fusion``: ``n`` in the families with a per-head q/k norm (Qwen3,
+      Gemma 3), which takes their rotation;
+    - ``rope_kv_cache_fusion``: in the others (Llama), one per layer whose backend applies
+      the rotary embedding itself (`AttentionBackend.fuses_rope`).
 
     Under tensor parallelism (``tp_size > 1``; counts per rank) each of the ``2n``
     all-reduces feeds a residual norm and ``allreduce_rms_fusion`` fuses all of them, with
@@ -57,21 +109,29 @@ def expected_matches(model: Any) -> dict[str, int]:
 
     Example:
         >>> expected_matches(LlamaForCausalLM(ModelConfig.preset("tiny"), attention_backend="native-noquant"))
-        {'rms_quant_fusion': 4, 'act_quant_fusion': 2, 'attn_quant_fusion': 0}
+        {'rms_quant_fusion': 4, 'act_quant_fusion': 2, 'attn_quant_fusion': 0, 'qk_norm_rope_fusion': 0, 'rope_kv_cache_fusion': 2}
     """
     from .attention import get_layer
 
     cfg = model.config
+    spec = _spec(cfg)
+    n = cfg.num_layers
     if cfg.quant not in ATTENTION_OUTPUT_SCHEME:
         raise ValueError(f"expected_matches: no attention output scheme known for quant {cfg.quant!r}; "
                          f"known: {sorted(ATTENTION_OUTPUT_SCHEME)}")
     scheme = ATTENTION_OUTPUT_SCHEME[cfg.quant]
-    attn = 0 if scheme is None else sum(
-        get_layer(name).backend.supports_output_quant(scheme) for name in model.attention_layer_names
-    )
-    want = {"rms_quant_fusion": 2 * cfg.num_layers, "act_quant_fusion": cfg.num_layers, "attn_quant_fusion": attn}
+    layers = [get_layer(name) for name in model.attention_layer_names]
+    attn = 0 if scheme is None else sum(layer.backend.supports_output_quant(scheme) for layer in layers)
+    norm_quant = 0 if spec.norm == "gemma" and cfg.quant == "fp8-block" else 2 * n
+    want = {
+        "rms_quant_fusion": norm_quant,
+        "act_quant_fusion": n if spec.activation == "silu" else 0,
+        "attn_quant_fusion": attn,
+        "qk_norm_rope_fusion": n if spec.qk_norm else 0,
+        "rope_kv_cache_fusion": 0 if spec.qk_norm else sum(layer.backend.fuses_rope for layer in layers),
+    }
     if getattr(cfg, "tp_size", 1) > 1:
-        want = {"allreduce_rms_fusion": 2 * cfg.num_layers, **want, "rms_quant_fusion": 1}
+        want = {"allreduce_rms_fusion": 2 * n, **want, "rms_quant_fusion": 1}
     return want
 
 
@@ -79,13 +139,23 @@ def expected_misses(model: Any, passes: Sequence[fxfuse.FusionPass]) -> dict[str
     """The near misses (`fxfuse.miss_table`) the reference ``model`` is known to have, per
     pass and rewrite, for one compiled graph:
 
-    - the final norm: a ``fused_add_rms_norm`` whose output feeds the unquantized LM
-      head; one miss of every ``rms_quant_fusion`` rewrite whose chain starts there
-      (not under tensor parallelism: ``allreduce_rms_fusion`` fuses it with the all-reduce
-      before it, and no all-reduce is left unfused, so that pass has no misses either);
+    - the final norm: a fused add + norm whose output feeds the unquantized LM head; one
+      miss of every ``rms_quant_fusion`` rewrite whose chain starts at that norm's op
+      (``fused_add_rms_norm``, or ``fused_add_gemma_rms_norm`` in Gemma 3; not under tensor
+      parallelism: ``allreduce_rms_fusion`` fuses it with the all-reduce before it, and no
+      all-reduce is left unfused, so that pass has no misses either);
+    - Gemma 3's sandwich norms (``gemma_rms_norm`` of the attention and of the MLP output,
+      feeding the residual add, not a quant): ``2n``, for every rewrite starting at
+      ``gemma_rms_norm``; with ``fp8-block`` every Gemma norm is a miss (no fused Gemma
+      norm + group quant op): ``2n + 1`` at ``gemma_rms_norm`` (layer 0's input norm too),
+      ``2n`` at ``fused_add_gemma_rms_norm`` (the other input norms, the pre-MLP norms,
+      the final norm);
     - attention on a layer whose backend does not write the model's output quant scheme
       itself (``native-noquant``; or ``fp8-block``, whose per-group quant no backend
-      writes): one miss of each ``attn_quant_fusion`` rewrite per such layer.
+      writes): one miss of each ``attn_quant_fusion`` rewrite per such layer;
+    - the rotation of a layer whose backend does not apply it itself (no built-in one):
+      one miss of each ``rope_kv_cache_fusion`` rewrite per such layer (Llama; the q/k
+      norm families' rotation goes into ``qk_norm_rope``).
 
     Anything else is a fusion that stopped matching.
 
@@ -93,20 +163,37 @@ def expected_misses(model: Any, passes: Sequence[fxfuse.FusionPass]) -> dict[str
         >>> expected_misses(model, fxfuse.default_passes())["rms_quant_fusion"]
         {'FusedAddRmsNormStaticFp8Quant': 1, 'FusedAddRmsNormDynamicFp8Quant': 1, ...}
     """
-    fused_attention = expected_matches(model)["attn_quant_fusion"]
-    unfused_attention = model.config.num_layers - fused_attention
-    final_norm_fused = getattr(model.config, "tp_size", 1) > 1
-    starts_at = lambda t, op: t.anchors[0].target is op  # noqa: E731
+    fx = torch.ops.fxfuse
+    cfg = model.config
+    spec = _spec(cfg)
+    n = cfg.num_layers
+    want = expected_matches(model)
+    unfused_attention = n - want["attn_quant_fusion"]
+    unfused_rope = 0 if spec.qk_norm else n - want["rope_kv_cache_fusion"]
+    final_norm_fused = getattr(cfg, "tp_size", 1) > 1
+    gemma = spec.norm == "gemma"
+    block = cfg.quant == "fp8-block"
+    # rms_quant_fusion: misses per anchor op of a rewrite.
+    norm_misses = {
+        fx.fused_add_rms_norm.default: 0 if gemma or final_norm_fused else 1,
+        fx.fused_add_gemma_rms_norm.default: (2 * n if block else 1) if gemma else 0,
+        fx.gemma_rms_norm.default: (2 * n + 1 if block else 2 * n) if gemma else 0,
+    }
     table: dict[str, dict[str, int]] = {}
     for p in passes:
         for t in p.traced:
             if not t.rewrite.report_misses:
                 continue
-            if (p.name == "rms_quant_fusion" and starts_at(t, torch.ops.fxfuse.fused_add_rms_norm.default)
-                    and not final_norm_fused):
-                table.setdefault(p.name, {})[t.name] = 1
-            elif p.name == "attn_quant_fusion" and unfused_attention:
-                table.setdefault(p.name, {})[t.name] = unfused_attention
+            if p.name == "rms_quant_fusion":
+                count = norm_misses.get(t.anchors[0].target, 0)
+            elif p.name == "attn_quant_fusion":
+                count = unfused_attention
+            elif p.name == "rope_kv_cache_fusion":
+                count = unfused_rope
+            else:
+                count = 0
+            if count:
+                table.setdefault(p.name, {})[t.name] = count
     return table
 
 
@@ -167,7 +254,7 @@ def _demo_report(args: argparse.Namespace, tp1: tuple[torch.Tensor, torch.Tensor
     register_s = time.perf_counter() - t0
 
     tp = f", tensor parallel over {args.tp} ranks (counts: all ranks)" if args.tp > 1 else ""
-    print(f"fxfuse demo: {args.preset} Llama, {cfg.num_layers} layers, {args.quant}, {args.device}{tp}, "
+    print(f"fxfuse demo: {args.preset} {MODEL_NAMES[cfg.family]}, {cfg.num_layers} layers, {args.quant}, {args.device}{tp}, "
           f"attention backend {args.attention_backend}, torch {torch.__version__}; "
           f"prompts of {[len(p) for p in prompts]} tokens, {args.new_tokens} new each")
     print(f"\npipeline (registered in {register_s * 1e3:.0f} ms):")
@@ -212,6 +299,8 @@ def _demo_report(args: argparse.Namespace, tp1: tuple[torch.Tensor, torch.Tensor
             **({"tokens_tp1": tp1[0].tolist(), "tokens_equal_tp1": tp1_equal, "max_abs_diff_tp1": tp1_diff}
                if tp1 is not None else {}),
             "layers": cfg.num_layers,
+            "model": cfg.family,
+            "preset": args.preset,
             "device": args.device,
             "quant": args.quant,
             "attention_backend": args.attention_backend,
@@ -237,20 +326,21 @@ def _variants(model: Any, manager: fxfuse.PassManager) -> dict[str, Any]:
 
 
 def _warm_up(args: argparse.Namespace, manager: fxfuse.PassManager) -> float:
-    """Compile and run a 1-layer tiny model in both variants, untimed; returns its seconds.
+    """Compile and run a 1-layer tiny model of the demo's family in both variants, untimed;
+    returns its seconds.
 
     The first compile in a process pays for imports, compiler start-up and first uses
     that later compiles do not; without this, whichever variant runs first looks slower.
     Run with compile caches off, like the timed runs, so nothing it compiles serves them.
     """
-    from .models import LlamaForCausalLM, ModelConfig, random_prompts, run
+    from .models import ModelConfig, build_model, random_prompts, run
 
     t0 = time.perf_counter()
     try:
-        cfg = ModelConfig.preset("tiny", quant=args.quant, num_layers=1, tp_size=args.tp)
+        cfg = ModelConfig.preset(MODEL_PRESETS[args.model][0], quant=args.quant, num_layers=1, tp_size=args.tp)
     except ValueError:  # the tiny model does not split into that many ranks: the run's model, 1 layer
         cfg = dataclasses.replace(_config(args), num_layers=1)
-    model = LlamaForCausalLM(cfg, device=args.device, attention_backend=args.attention_backend)
+    model = build_model(cfg, device=args.device, attention_backend=args.attention_backend)
     try:
         prompts = random_prompts(cfg, lengths=[3, 2], seed=args.seed + 1)
         for forward in _variants(model, manager).values():
@@ -398,7 +488,14 @@ COMMANDS = {"demo": "demo", "patterns": "patterns", "explain": "explain_cmd", "b
 
 
 def run(args: argparse.Namespace) -> Any:
-    """Run a parsed command (`fxfuse_cli.parse`)."""
+    """Run a parsed command (`fxfuse_cli.parse`): ``--model``/``--preset`` are resolved here
+    (the presets are `fxfuse.models`'), a disagreement exits 2."""
+    if args.command in ("demo", "explain"):
+        try:
+            args.model, args.preset = resolve_model(args.model, args.preset)
+        except ValueError as e:
+            print(f"fxfuse {args.command}: {e}", file=sys.stderr)
+            return 2
     return globals()[COMMANDS[args.command]](args)
 
 

@@ -33,7 +33,7 @@ Example::
         torch.ops.fxfuse.attention(q, k, v, out, "attn0")
 """
 
-from .backend import AttentionBackend, AttentionLayer
+from .backend import AttentionBackend, AttentionLayer, Rotary
 from .forward_context import ForwardContext, NoForwardContextError, get_forward_context, set_forward_context
 from .kv_cache import KVCache
 from .metadata import AttentionMetadata
@@ -51,16 +51,17 @@ from .native import (
     NativeAttentionBackend,
     NoQuantNativeBackend,
     paged_attention_native,
+    rotate_native,
     write_kv_cache_native,
     write_output_native,
 )
 
 __all__ = [
-    "OUTPUT_QUANT_SCHEMES", "AttentionBackend", "output_quant_scheme",
+    "OUTPUT_QUANT_SCHEMES", "AttentionBackend", "output_quant_scheme", "Rotary",
     "AttentionLayer", "AttentionMetadata", "ForwardContext", "KVCache",
     "NoForwardContextError", "UnknownLayerError",
     "get_forward_context", "get_layer", "register_layer", "registered_layer_names",
     "set_forward_context", "temporary_layers", "unregister_layer",
     "NativeAttentionBackend", "NoQuantNativeBackend", "TritonAttentionBackend",
-    "paged_attention_native", "write_kv_cache_native", "write_output_native",
+    "paged_attention_native", "rotate_native", "write_kv_cache_native", "write_output_native",
 ]

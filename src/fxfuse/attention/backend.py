@@ -2,9 +2,10 @@
 
 A backend computes ``torch.ops.fxfuse.attention`` for the layers that use it. Besides
 the computation it states which *output quant schemes* (:mod:`.schemes`) it can fuse
-into its epilogue; the ``attn_quant_fusion`` pass asks this at compile time (via the
-layer registry) and leaves the unfused ``attention -> quant`` chain alone for layers
-whose backend says no.
+into its epilogue, and whether it applies the *rotary embedding* to the query and key
+itself (:attr:`AttentionBackend.fuses_rope`); the ``attn_quant_fusion`` and
+``rope_kv_cache_fusion`` passes ask this at compile time (via the layer registry) and
+leave the unfused chains alone for layers whose backend says no.
 
 :class:`AttentionBackend` and :class:`AttentionLayer` live together because each names
 the other: a layer holds its backend, and a backend's ``forward`` is handed the layer.
@@ -25,13 +26,37 @@ from .metadata import AttentionMetadata
 from .schemes import OUTPUT_QUANT_SCHEMES, check_scheme
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rotary:
+    """The rotary embedding an ``attention`` call asks its backend to apply to ``query``
+    and ``key`` before anything else (the op's ``positions``, ``cos_sin_cache`` and
+    ``is_neox``, with the meaning of ``fxfuse::rotary_embedding``'s arguments).
+
+    The backend then writes the *rotated* key into the KV cache and attends with the
+    rotated query: exactly what ``rotary_embedding`` followed by ``attention`` computes.
+
+    >>> Rotary(torch.arange(3), torch.ones(16, 8), True).rotary_dim  # a [max_position, rotary_dim] cache
+    8
+    """
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    is_neox: bool
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.cos_sin_cache.shape[1])
+
+
 class AttentionBackend(abc.ABC):
     """How a layer computes ``torch.ops.fxfuse.attention``.
 
     Subclasses set the class attributes ``name`` and ``supported_output_quant`` (a
     subset of :data:`OUTPUT_QUANT_SCHEMES`, always containing ``"none"``) and implement
-    :meth:`forward`. Backends are stateless: two instances of the same class are equal,
-    so a layer can be re-registered with a fresh backend object.
+    :meth:`forward`. A backend that sets ``fuses_rope = True`` takes one more keyword
+    argument, ``rotary`` (a :class:`Rotary` or None), and applies it to ``query`` and
+    ``key`` before it writes the cache. Backends are stateless: two instances of the same
+    class are equal, so a layer can be re-registered with a fresh backend object.
 
     >>> class MyBackend(AttentionBackend):
     ...     name = "mine"
@@ -45,6 +70,9 @@ class AttentionBackend(abc.ABC):
 
     name: ClassVar[str]
     supported_output_quant: ClassVar[frozenset[str]]
+    #: Whether :meth:`forward` takes ``rotary=`` and rotates query and key itself (then
+    #: the ``rope_kv_cache_fusion`` pass hands it the pre-rotary query and key).
+    fuses_rope: ClassVar[bool] = False
 
     def check(self) -> None:
         """Raise ``TypeError`` if the class attributes are missing or name unknown schemes.
@@ -61,6 +89,8 @@ class AttentionBackend(abc.ABC):
                 f"{cls.__qualname__}: `supported_output_quant` must be a frozenset containing 'none', "
                 f"got {schemes!r}"
             )
+        if not isinstance(getattr(cls, "fuses_rope", None), bool):
+            raise TypeError(f"{cls.__qualname__}: `fuses_rope` must be a bool, got {getattr(cls, 'fuses_rope', None)!r}")
         unknown = sorted(s for s in schemes if s not in OUTPUT_QUANT_SCHEMES)
         if unknown:
             raise TypeError(
@@ -101,6 +131,10 @@ class AttentionBackend(abc.ABC):
 
         Called by the op only after every argument has been validated, so
         implementations may assume consistent shapes, dtypes, devices and metadata.
+        A backend with ``fuses_rope`` is also passed ``rotary=`` (None when the call
+        asks for no rotation); ``query``/``key`` may then be token-strided
+        ``[T, H, D]`` views (each head's features contiguous), as ``rotary_embedding``
+        takes them.
         """
 
     def __eq__(self, other: object) -> bool:
@@ -167,3 +201,8 @@ class AttentionLayer:
         """Whether this layer's backend fuses output quant ``scheme`` (one of
         ``"none"``, ``"fp8_static"``, ``"nvfp4"``)."""
         return self.backend.supports_output_quant(scheme)
+
+    @property
+    def fuses_rope(self) -> bool:
+        """Whether this layer's backend applies the rotary embedding itself (``rotary=``)."""
+        return self.backend.fuses_rope

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .backend import AttentionBackend, AttentionLayer
+from .backend import AttentionBackend, AttentionLayer, Rotary
 from .kv_cache import KVCache
 from .metadata import AttentionMetadata
 from .schemes import output_quant_scheme
@@ -84,6 +84,19 @@ def paged_attention_native(
     return out
 
 
+def rotate_native(layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, rotary: Rotary
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``query``/``key`` rotated by ``rotary``, as new contiguous ``[T, H, D]`` tensors.
+
+    Through the very op the unfused graph calls (``fxfuse::rotary_embedding``, by the
+    dispatcher: the op is built on this package), so a backend that rotates this way
+    equals the unfused ``rotary_embedding -> attention`` chain bit for bit on every device.
+    """
+    return torch.ops.fxfuse.rotary_embedding(
+        rotary.positions, query, key, layer.head_size, rotary.cos_sin_cache, rotary.is_neox
+    )
+
+
 def write_output_native(
     out: torch.Tensor,
     output: torch.Tensor,
@@ -115,13 +128,15 @@ def write_output_native(
 
 
 class NativeAttentionBackend(AttentionBackend):
-    """Reference attention in plain PyTorch; fuses every output quant scheme.
+    """Reference attention in plain PyTorch; fuses every output quant scheme and the rotary
+    embedding (which it applies with ``rotary_embedding`` before writing the cache).
 
     >>> layer = AttentionLayer("layers.0.attn", 8, 2, 64, NativeAttentionBackend())
     """
 
     name = "native"
     supported_output_quant = frozenset({"none", "fp8_static", "nvfp4"})
+    fuses_rope = True
 
     def forward(
         self,
@@ -134,7 +149,10 @@ class NativeAttentionBackend(AttentionBackend):
         output_block_scale: Optional[torch.Tensor],
         metadata: AttentionMetadata,
         kv_cache: KVCache,
+        rotary: Optional[Rotary] = None,
     ) -> None:
+        if rotary is not None:
+            query, key = rotate_native(layer, query, key, rotary)
         # Write first, then read everything (new tokens included) back from the cache:
         # the same data path a paged kernel takes, so the cache write is tested too.
         write_kv_cache_native(key, value, kv_cache, metadata.slot_mapping)

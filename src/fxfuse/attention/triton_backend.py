@@ -1,8 +1,11 @@
 """The ``triton`` attention backend: fxfuse's paged attention kernel, on CUDA.
 
-It fuses every output quant scheme into the kernel's epilogue. Metadata is read on the
-host only through ``max_query_len``/``max_seq_len`` (plain ints), so a forward pass on
-this backend can be captured in a CUDA graph once its metadata has been validated.
+It fuses every output quant scheme into the kernel's epilogue, and the rotary embedding
+into the KV-cache write: one kernel rotates the query and writes the rotated key and the
+value into their cache slots (``kernels.rotary.rope_kv_cache``), so the rotated key never
+makes a round trip through memory. Metadata is read on the host only through
+``max_query_len``/``max_seq_len`` (plain ints), so a forward pass on this backend can be
+captured in a CUDA graph once its metadata has been validated.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..kernels import cuda_capability
-from .backend import AttentionBackend, AttentionLayer
+from .backend import AttentionBackend, AttentionLayer, Rotary
 from .kv_cache import KVCache
 from .metadata import AttentionMetadata
 from .native import write_kv_cache_native
@@ -21,14 +24,16 @@ from .schemes import output_quant_scheme
 
 class TritonAttentionBackend(AttentionBackend):
     """Paged causal GQA attention in Triton (prefill, decode, split-KV decode), with FP8
-    and NVFP4 output epilogues. Needs CUDA tensors (or ``TRITON_INTERPRET=1`` on CPU) and
-    a power-of-two head size of at least 16.
+    and NVFP4 output epilogues and the rotary embedding fused into the KV-cache write.
+    Needs CUDA tensors (or ``TRITON_INTERPRET=1`` on CPU) and a power-of-two head size of
+    at least 16.
 
     >>> layer = AttentionLayer("layers.0.attn", 32, 8, 128, TritonAttentionBackend())
     """
 
     name = "triton"
     supported_output_quant = frozenset({"none", "fp8_static", "nvfp4"})
+    fuses_rope = True
 
     def preferred_block_size(self, device: torch.device) -> Optional[int]:
         """64 on Hopper and newer GPUs: a 64-key tile then lies inside one page and is
@@ -53,6 +58,7 @@ class TritonAttentionBackend(AttentionBackend):
         output_block_scale: Optional[torch.Tensor],
         metadata: AttentionMetadata,
         kv_cache: KVCache,
+        rotary: Optional[Rotary] = None,
     ) -> None:
         from .. import kernels
 
@@ -69,7 +75,13 @@ class TritonAttentionBackend(AttentionBackend):
             )
         from ..kernels import attention as K
 
-        write_kv_cache_native(key, value, kv_cache, metadata.slot_mapping)
+        if rotary is None:
+            write_kv_cache_native(key, value, kv_cache, metadata.slot_mapping)
+        else:
+            from ..kernels.rotary import rope_kv_cache
+
+            query = rope_kv_cache(rotary.positions, query, key, value, d, rotary.cos_sin_cache, rotary.is_neox,
+                                  kv_cache.key_cache, kv_cache.value_cache, metadata.slot_mapping)
         scheme = output_quant_scheme(output_scale, output_block_scale)
         out = {"none": K.OUT_NONE, "fp8_static": K.OUT_FP8, "nvfp4": K.OUT_NVFP4}[scheme]
         K.paged_attention(

@@ -61,8 +61,10 @@ def main(args: argparse.Namespace) -> int:
         print("\nattention (32 query heads, 8 KV heads, head size 128, bf16):")
         results["attention"] = attention.run(bw)
     if "e2e" in sections:
-        print("\nend to end (Llama-3-8B layer shapes, FP8 and block-scaled FP8, triton attention, CUDA graphs):")
-        results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")))
+        presets = tuple(args.e2e_models.split(","))
+        print(f"\nend to end ({', '.join(presets)} layer shapes, {args.layers} layers; {args.e2e_quant}; "
+              "triton attention, CUDA graphs):")
+        results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")), presets=presets)
     if "tp" in sections:
         print(f"\ntensor parallel over {args.tp} GPUs: fused all-reduce + add + RMSNorm (+ FP8) vs NCCL "
               "all-reduce + fxfuse's fused norm, bf16 partial sums (us):")
@@ -107,6 +109,13 @@ def e2e_layers() -> int:
     from .e2e import LAYERS
 
     return LAYERS
+
+
+def e2e_presets() -> tuple[str, ...]:
+    """The end-to-end benchmark's default presets (`e2e.PRESETS`), one per model family."""
+    from .e2e import PRESETS
+
+    return PRESETS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -67,9 +67,12 @@ def _op_panel(ax, op: str, sel: list[dict]) -> None:
 
 def _e2e_panel(ax, e2e: list[dict]) -> None:
     mixed = len({r["layers"] for r in e2e}) > 1
+    # Rows from before the model families carry no "model": they are Llama-3-8B's.
+    models = len({r.get("model", "llama3-8b") for r in e2e}) > 1
     ax.bar(range(len(e2e)), [100 * (r["speedup"] - 1) for r in e2e])
     ax.set_xticks(range(len(e2e)),
-                  [f"{r.get('quant', 'fp8')} {r['phase']} {r['seqs']}x{r['new_tokens']}"
+                  [(f"{r.get('model', 'llama3-8b')} " if models else "")
+                   + f"{r.get('quant', 'fp8')} {r['phase']} {r['seqs']}x{r['new_tokens']}"
                    + (f" L{r['layers']}" if mixed else "") for r in e2e],
                   rotation=60, fontsize=6)
     ax.set_ylabel("fused vs unfused speed-up, %", fontsize=7)

@@ -33,6 +33,10 @@ one unit in the last place on rare elements, as in ``norm_quant.py``.
 
 A position outside ``[0, max_position)`` reads no memory; it gives its token NaN in
 every rotated feature (the ops check positions on the host where that is cheap).
+
+`rope_kv_cache` is the same program with the rotated key and the value written straight
+into their slot of the paged KV cache instead of new tensors: the triton attention
+backend's path when ``attention`` is asked to rotate q and k itself (``rope_kv_cache_fusion``).
 """
 
 from __future__ import annotations
@@ -233,3 +237,83 @@ def rope(
         EXACT_CASTS=exact_casts(), num_warps=warps, enable_fp_fusion=False,
     )
     return q_out, k_out
+
+
+# --------------------------------------------------------------------------- rope + KV-cache write
+
+
+@triton.jit
+def _rope_kv_cache_kernel(
+    pos_ptr, cache_ptr, q_ptr, k_ptr, v_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr,
+    q_stride, k_stride, v_stride, n_q_heads, n_k_heads, head_size, rot_half, max_pos,
+    NEOX: tl.constexpr, HBQ: tl.constexpr, HBK: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr,
+    VB: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    """`_rope_kernel`'s rotation of one token, with the key (rotated) and the value written
+    straight into their paged-cache slot instead of a new tensor."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    i = tl.arange(0, HALF)
+    pos_v = tl.zeros([HALF], dtype=tl.int64) + pos  # a vector: see _rope_kernel
+    pos_ok = (pos_v >= 0) & (pos_v < max_pos)
+    i_ok = i < rot_half
+    row = cache_ptr + pos_v * (2 * rot_half)
+    cos = tl.load(row + i, mask=i_ok & pos_ok, other=0.0).to(tl.float32)
+    sin = tl.load(row + rot_half + i, mask=i_ok & pos_ok, other=0.0).to(tl.float32)
+    cos = tl.where(pos_ok, cos, float("nan"))
+    sin = tl.where(pos_ok, sin, float("nan"))
+    kv_width = n_k_heads * head_size
+    _rope_heads(q_ptr, q_out_ptr, cache_ptr, t * q_stride, t * n_q_heads * head_size, n_q_heads, head_size,
+                rot_half, 0.0, cos, sin, 0, NEOX, HBQ, HALF, PASS, EXACT_CASTS)
+    # A slot of the [num_blocks, block_size, Hkv, D] cache is one dense row of Hkv * D.
+    _rope_heads(k_ptr, kc_ptr, cache_ptr, t * k_stride, slot * kv_width, n_k_heads, head_size,
+                rot_half, 0.0, cos, sin, 0, NEOX, HBK, HALF, PASS, EXACT_CASTS)
+    for c0 in range(0, kv_width, VB):
+        c = c0 + tl.arange(0, VB)
+        ok = c < kv_width
+        tl.store(vc_ptr + slot * kv_width + c, tl.load(v_ptr + t * v_stride + c, mask=ok), mask=ok)
+
+
+def rope_kv_cache(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate ``query`` and ``key`` and write the rotated key and ``value`` into the paged
+    cache at ``slot_mapping``, in one kernel; returns the rotated query, contiguous, of
+    ``query``'s shape.
+
+    ``query``/``key``/``value`` are ``[T, H, head_size]`` with each token's heads dense (any
+    token stride: views of a packed qkv projection); ``key_cache``/``value_cache`` are the
+    contiguous ``[num_blocks, block_size, Hkv, head_size]`` caches of ``value``'s dtype.
+    What lands in the cache is bit for bit what `rope` followed by the native cache write
+    stores (the same device code rotates; ``enable_fp_fusion=False``).
+
+    Example:
+        >>> q_rot = rope_kv_cache(pos, q, k, v, 128, cache, True, kc, vc, meta.slot_mapping)
+    """
+    q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    tokens = positions.shape[0]
+    if tokens == 0:
+        return q_out
+    if value.stride(-1) != 1 or (value.dim() == 3 and value.shape[1] > 1 and value.stride(1) != head_size):
+        value = value.contiguous()  # the kernel copies each token's heads as one dense row
+    n_q, n_k = _heads(query, head_size), _heads(key, head_size)
+    rotary_dim = cos_sin_cache.shape[1]
+    hbq, hbk, half, pass_block, warps = rope_launch(n_q, n_k, head_size, rotary_dim)
+    vb = min(triton.next_power_of_2(n_k * head_size), _MAX_TILE)
+    _rope_kv_cache_kernel[(tokens,)](
+        positions, cos_sin_cache, query, key, value, q_out, key_cache, value_cache, slot_mapping,
+        query.stride(0), key.stride(0), value.stride(0), n_q, n_k, head_size, rotary_dim // 2, cos_sin_cache.shape[0],
+        NEOX=bool(is_neox), HBQ=hbq, HBK=hbk, HALF=half, PASS=pass_block, VB=vb,
+        EXACT_CASTS=exact_casts(), num_warps=warps, enable_fp_fusion=False,
+    )
+    return q_out

@@ -1,10 +1,18 @@
-"""Configuration of the reference Llama-style model.
+"""Configuration of the reference models: shapes, numerics, and the model family.
+
+A *family* (:class:`Family`, ``ModelConfig.family``) is what a decoder layer is made of
+beyond shapes: which RMSNorm, whether q and k are normalized per head, the MLP's
+activation, the extra norms around attention and MLP. Every family is composed of the
+same layers (`fxfuse.models.layers`), so a family is a row of :data:`FAMILIES`, not a copy
+of a model.
 
 Example:
     >>> from fxfuse.models import ModelConfig
     >>> cfg = ModelConfig.preset("tiny", num_layers=3)
     >>> cfg.num_layers, cfg.hidden_size
     (3, 64)
+    >>> ModelConfig.preset("qwen3-tiny").spec.qk_norm
+    True
 """
 
 from __future__ import annotations
@@ -31,6 +39,53 @@ _WEIGHT_BLOCK = 128
 #: Activation dtypes the fxfuse ops accept.
 MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+
+@dataclass(frozen=True)
+class Family:
+    """What a model family's decoder layer is made of, beyond its shapes.
+
+    - ``norm``: ``"rms"`` (Llama's RMSNorm: ``rms_norm``/``fused_add_rms_norm``, weights in
+      the model dtype) or ``"gemma"`` (``(1 + w)``: ``gemma_rms_norm``/``fused_add_gemma_rms_norm``,
+      fp32 weights stored as offsets from 1, as Gemma checkpoints keep them);
+    - ``qk_norm``: q and k are normalized per head (that norm, weight ``[head_dim]``)
+      before the rotary embedding (Qwen3, Gemma 3);
+    - ``activation``: the gated MLP's activation: ``"silu"`` (SwiGLU, ``silu_and_mul``) or
+      ``"gelu_tanh"`` (GeGLU, written in plain PyTorch: no fused op covers it; see
+      docs/models.md);
+    - ``sandwich_norms``: the attention and MLP outputs are normalized too, before they
+      join the residual stream (Gemma 2/3: ``post_attention_layernorm``,
+      ``post_feedforward_layernorm``);
+    - ``scale_embeddings``: embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma);
+    - ``q_size_is_hidden``: ``num_heads * head_dim`` must equal ``hidden_size`` (true of
+      every Llama checkpoint, so a wrong head_dim is caught; Qwen3 and Gemma 3 have models
+      where the two differ);
+    - ``tensor_parallel``: whether the family's tensor-parallel path is built and tested.
+
+    Example:
+        >>> FAMILIES["gemma3"].norm, FAMILIES["llama"].qk_norm
+        ('gemma', False)
+    """
+
+    name: str
+    norm: str = "rms"
+    qk_norm: bool = False
+    activation: str = "silu"
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
+    q_size_is_hidden: bool = True
+    tensor_parallel: bool = True
+
+
+#: The model families, by ``ModelConfig.family``.
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama"),
+    "qwen3": Family("qwen3", qk_norm=True, q_size_is_hidden=False),
+    # Tensor parallel Gemma would all-reduce into a plain (1 + w) norm, which no pass fuses;
+    # it is not built, rather than built and untested.
+    "gemma3": Family("gemma3", norm="gemma", qk_norm=True, activation="gelu_tanh", sandwich_norms=True,
+                     scale_embeddings=True, q_size_is_hidden=False, tensor_parallel=False),
+}
+
 _POSITIVE_INT_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -40,15 +95,19 @@ _POSITIVE_INT_FIELDS = (
     "num_kv_heads",
     "head_dim",
     "tp_size",
+    "max_position",
 )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-style decoder; validated on construction.
+    """Shape, numerics and family of a reference decoder; validated on construction.
 
-    ``dtype`` is the activation/weight dtype outside the FP8 GEMMs; ``seed`` fixes the
-    random weights; ``quant`` names the linear-layer quantization scheme:
+    ``family`` names the layer composition (:data:`FAMILIES`: ``"llama"``, ``"qwen3"``,
+    ``"gemma3"``); ``max_position`` is the number of rows of the rotary cos/sin cache
+    (positions must be below it). ``dtype`` is the activation/weight dtype outside the
+    FP8 GEMMs; ``seed`` fixes the random weights; ``quant`` names the linear-layer
+    quantization scheme:
 
     - ``"fp8"``: per-tensor FP8 weights and static per-tensor FP8 activations everywhere;
     - ``"nvfp4"``: the QKV and gate/up projections as in ``"fp8"``; the output and down
@@ -93,8 +152,12 @@ class ModelConfig:
     quant: str = "fp8"
     group_size: int | None = None
     tp_size: int = 1
+    family: str = "llama"
+    max_position: int = 8192
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig.family must be one of {sorted(FAMILIES)}, got {self.family!r}")
         for name in _POSITIVE_INT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -106,10 +169,11 @@ class ModelConfig:
                 f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                 f"ModelConfig.num_kv_heads ({self.num_kv_heads})"
             )
-        if self.hidden_size != self.num_heads * self.head_dim:
+        if self.spec.q_size_is_hidden and self.hidden_size != self.num_heads * self.head_dim:
             raise ValueError(
                 f"ModelConfig.hidden_size ({self.hidden_size}) must equal num_heads * head_dim "
-                f"({self.num_heads} * {self.head_dim} = {self.num_heads * self.head_dim})"
+                f"({self.num_heads} * {self.head_dim} = {self.num_heads * self.head_dim}) "
+                f"in the {self.family} family"
             )
         # rotate-half RoPE pairs dimension i with i + head_dim/2.
         if self.head_dim % 2 != 0:
@@ -151,6 +215,10 @@ class ModelConfig:
                         f"quant='nvfp4' (NVFP4 quantizes {_NVFP4_BLOCK}-element blocks)"
                     )
         if self.tp_size > 1:
+            if not self.spec.tensor_parallel:
+                raise ValueError(f"ModelConfig.tp_size must be 1 for the {self.family} family: its tensor-parallel "
+                                 f"path is not built (families that have one: "
+                                 f"{', '.join(n for n, f in FAMILIES.items() if f.tensor_parallel)})")
             self._check_tensor_parallel()
 
     def _check_tensor_parallel(self) -> None:
@@ -179,9 +247,22 @@ class ModelConfig:
                 )
 
     def _linear_input_widths(self) -> tuple[tuple[str, int], ...]:
-        # QKV, gate/up and o_proj read hidden_size (o_proj's num_heads * head_dim is equal to
-        # it); down_proj reads intermediate_size.
-        return (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size))
+        # QKV and gate/up read hidden_size, o_proj num_heads * head_dim (often equal to it),
+        # down_proj intermediate_size.
+        widths = (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size))
+        if self.q_size != self.hidden_size:
+            widths += (("num_heads * head_dim", self.q_size),)
+        return widths
+
+    @property
+    def spec(self) -> Family:
+        """The :class:`Family` this config's layers are made of.
+
+        Example:
+            >>> ModelConfig.preset("gemma3-tiny").spec.activation
+            'gelu_tanh'
+        """
+        return FAMILIES[self.family]
 
     @property
     def activation_group_size(self) -> int | None:
@@ -277,8 +358,10 @@ class ModelConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
-#: Named configurations. ``"tiny"`` runs on a CPU in milliseconds and is what tests use;
-#: ``"llama3-8b"`` has Llama 3 8B's shapes (RoPE without Llama 3.1's long-context scaling).
+#: Named configurations. ``"tiny"``, ``"qwen3-tiny"`` and ``"gemma3-tiny"`` run on a CPU in
+#: milliseconds and are what tests use; ``"llama3-8b"`` has Llama 3 8B's shapes (RoPE
+#: without Llama 3.1's long-context scaling), ``"qwen3-8b"`` Qwen3 8B's, ``"gemma3-12b"``
+#: Gemma 3 12B's text decoder's (every layer global: see docs/models.md).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         vocab_size=256,
@@ -297,5 +380,54 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=32,
         num_kv_heads=8,
         head_dim=128,
+    ),
+    "qwen3-tiny": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_eps=1e-6,
+        rope_theta=1000000.0,
+        family="qwen3",
+    ),
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_eps=1e-6,
+        rope_theta=1000000.0,
+        family="qwen3",
+    ),
+    # num_heads * head_dim (128) != hidden_size (64), as in every Gemma 3 model.
+    "gemma3-tiny": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rms_eps=1e-6,
+        rope_theta=1000000.0,
+        family="gemma3",
+    ),
+    "gemma3-12b": ModelConfig(
+        vocab_size=262208,
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_layers=48,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        rms_eps=1e-6,
+        rope_theta=1000000.0,
+        family="gemma3",
     ),
 }

@@ -17,6 +17,15 @@ The output is written in place, in one of three schemes:
 
 In both quantized schemes ``out`` is the attention result rounded to the model dtype,
 so the fused op equals the unfused ``attention -> quant`` chain bit for bit.
+
+**Rotary embedding.** Given ``positions`` and ``cos_sin_cache`` (and ``is_neox``, with
+the meaning of ``fxfuse::rotary_embedding``'s arguments), ``query`` and ``key`` are the
+*pre-rotary* heads: the op rotates them first, writes the rotated key into the cache and
+attends with the rotated query, which is ``rotary_embedding`` followed by ``attention``
+bit for bit. The layer's backend does it (``AttentionBackend.fuses_rope``; the triton
+backend in the kernel that writes the cache); ``query``/``key`` may then be token-strided
+``[T, H, D]`` views of a packed qkv projection. This is what ``rope_kv_cache_fusion``
+makes of the unfused chain; a backend without the capability refuses the call.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from ..attention import (
     AttentionLayer,
     AttentionMetadata,
     KVCache,
+    Rotary,
     get_forward_context,
     get_layer,
     output_quant_scheme,
@@ -36,6 +46,7 @@ from ..attention import (
 from .. import compat
 from . import _validate as V
 from .nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_block_scales_shape
+from .rotary import validate_rotary_embedding
 
 OP = "attention"
 
@@ -43,7 +54,8 @@ OP = "attention"
 #: documented, and a signature change shows up as a diff of this string.
 ATTENTION_SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor(a!) output, str layer_name, "
-    "Tensor? output_scale=None, Tensor(b!)? output_block_scale=None) -> ()"
+    "Tensor? output_scale=None, Tensor(b!)? output_block_scale=None, "
+    "Tensor? positions=None, Tensor? cos_sin_cache=None, bool is_neox=True) -> ()"
 )
 
 
@@ -130,6 +142,24 @@ def _check_output(
     return scheme
 
 
+def _check_rotary(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    positions: Optional[torch.Tensor],
+    cos_sin_cache: Optional[torch.Tensor],
+    is_neox: bool,
+) -> Optional[Rotary]:
+    """The rotary embedding the call asks for (None: query and key are rotated already)."""
+    if positions is None and cos_sin_cache is None:
+        return None
+    if positions is None or cos_sin_cache is None:
+        missing = "positions" if positions is None else "cos_sin_cache"
+        raise _err(f"`positions` and `cos_sin_cache` go together (the rotary embedding to apply); `{missing}` is None")
+    # rotary_embedding's own checks, on [T, H, D] heads: dense features per head, any token stride.
+    validate_rotary_embedding(positions, query, key, query.shape[2], cos_sin_cache, is_neox, op=OP)
+    return Rotary(positions, cos_sin_cache, is_neox)
+
+
 def validate_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -138,19 +168,24 @@ def validate_attention(
     layer_name: str,
     output_scale: Optional[torch.Tensor] = None,
     output_block_scale: Optional[torch.Tensor] = None,
-) -> str:
+    positions: Optional[torch.Tensor] = None,
+    cos_sin_cache: Optional[torch.Tensor] = None,
+    is_neox: bool = True,
+) -> tuple[str, Optional[Rotary]]:
     """Checks that need no layer registry or forward context (run by the fake impl too);
-    returns the output quant scheme (``"none"``, ``"fp8_static"`` or ``"nvfp4"``)."""
+    returns the output quant scheme (``"none"``, ``"fp8_static"`` or ``"nvfp4"``) and the
+    rotary embedding to apply (None for none)."""
     _check_qkv(query, key, value)
     if not isinstance(layer_name, str):
         raise TypeError(f"fxfuse.{OP}: `layer_name` must be a str, got {type(layer_name).__name__}")
     if not layer_name:
         raise _err("`layer_name` must be non-empty")
-    return _check_output(query, output, output_scale, output_block_scale)
+    scheme = _check_output(query, output, output_scale, output_block_scale)
+    return scheme, _check_rotary(query, key, positions, cos_sin_cache, is_neox)
 
 
 def resolve_attention(
-    query: torch.Tensor, key: torch.Tensor, layer_name: str, scheme: str
+    query: torch.Tensor, key: torch.Tensor, layer_name: str, scheme: str, rotary: Optional[Rotary] = None
 ) -> tuple[AttentionLayer, AttentionMetadata, KVCache]:
     """The checks against the layer registry and the forward context; returns what the
     backend needs. Raises before anything is written."""
@@ -169,6 +204,12 @@ def resolve_attention(
             f"support output quant scheme {scheme!r} (it supports: "
             f"{', '.join(sorted(repr(s) for s in layer.backend.supported_output_quant))}); "
             f"quantize the model-dtype output with a separate op instead"
+        )
+    if rotary is not None and not layer.fuses_rope:
+        raise _err(
+            f"layer {layer_name!r} uses attention backend {layer.backend.name!r}, which does not apply the "
+            f"rotary embedding itself (fuses_rope is False); rotate query and key with "
+            f"fxfuse.rotary_embedding first and call attention without `positions`"
         )
     ctx = get_forward_context()
     cache = ctx.kv_cache(layer_name)
@@ -208,6 +249,9 @@ def attention(
     layer_name: str,
     output_scale: Optional[torch.Tensor] = None,
     output_block_scale: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    cos_sin_cache: Optional[torch.Tensor] = None,
+    is_neox: bool = True,
 ) -> None:
     """Paged causal GQA attention of layer ``layer_name``, written into ``output``.
 
@@ -217,16 +261,22 @@ def attention(
     sequence's positions up to its own (softmax scale ``1 / sqrt(D)``). ``output`` is the
     model dtype ``[T, Hq, D]``; FP8 ``[T, Hq, D]`` with ``output_scale``; packed NVFP4
     ``[T, Hq * D // 2]`` uint8 with ``output_scale`` (global scale) and
-    ``output_block_scale``. Everything is validated before anything is written.
+    ``output_block_scale``. With ``positions`` ``[T]`` and ``cos_sin_cache``
+    ``[max_position, rotary_dim]``, ``query``/``key`` are rotated first (NeoX pairs when
+    ``is_neox``, else GPT-J), as ``rotary_embedding`` would. Everything is validated
+    before anything is written.
 
     >>> register_layer(AttentionLayer("attn0", 4, 1, 64, NativeAttentionBackend()))
     >>> with set_forward_context(ForwardContext(metadata, {"attn0": kv_cache})):
     ...     torch.ops.fxfuse.attention(q, k, v, out, "attn0")
+    ...     torch.ops.fxfuse.attention(q_pre, k_pre, v, out, "attn0", None, None, positions, cache, True)
     """
-    scheme = validate_attention(query, key, value, output, layer_name, output_scale, output_block_scale)
-    layer, metadata, kv_cache = resolve_attention(query, key, layer_name, scheme)
+    scheme, rotary = validate_attention(query, key, value, output, layer_name, output_scale, output_block_scale,
+                                        positions, cos_sin_cache, is_neox)
+    layer, metadata, kv_cache = resolve_attention(query, key, layer_name, scheme, rotary)
+    extra = {} if rotary is None else {"rotary": rotary}  # backends without fuses_rope take no `rotary`
     layer.backend.forward(
-        layer, query, key, value, output, output_scale, output_block_scale, metadata, kv_cache
+        layer, query, key, value, output, output_scale, output_block_scale, metadata, kv_cache, **extra
     )
 
 
@@ -238,10 +288,14 @@ def _attention_fake(
     layer_name: str,
     output_scale: Optional[torch.Tensor] = None,
     output_block_scale: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    cos_sin_cache: Optional[torch.Tensor] = None,
+    is_neox: bool = True,
 ) -> None:
     # No registry or context lookup: patterns are traced with a sample `layer_name`
     # that names no real layer, and compilation happens outside any forward context.
-    validate_attention(query, key, value, output, layer_name, output_scale, output_block_scale)
+    validate_attention(query, key, value, output, layer_name, output_scale, output_block_scale,
+                       positions, cos_sin_cache, is_neox)
 
 
 # Registered on a Library directly, not with @custom_op: see compat.define_mutating_op.

@@ -11,7 +11,9 @@ from .allreduce_rms import allreduce_rms_fusion
 from .attn_quant import attn_quant_fusion
 from .native_lowering import native_lowering
 from .noop_elimination import NoopElimination
+from .qk_norm_rope import qk_norm_rope_fusion
 from .rms_quant import rms_quant_fusion
+from .rope_kv_cache import rope_kv_cache_fusion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,19 +30,30 @@ class FusionConfig:
     act_quant: bool = True
     attn_quant: bool = True
     native_lowering: bool = True
+    # Added with the model families; last, so a config built positionally keeps its meaning
+    # (the pipeline's order is _PIPELINE's, not the fields').
+    qk_norm_rope: bool = True
+    rope_kv_cache: bool = True
 
 
 # Pipeline order matters: noop elimination exposes producer/consumer pairs to the
-# fusions; allreduce_rms_fusion runs before rms_quant_fusion, because its chains
-# (all-reduce, fused_add_rms_norm, quant) contain that pass's (fused_add_rms_norm, quant),
-# which would otherwise be fused first and leave the all-reduce on its own; native
-# lowering comes last, so it sees the fused ops the fusions made.
+# fusions; qk_norm_rope_fusion takes the per-head q/k norms before rms_quant_fusion looks
+# at norms (a norm that feeds no quant is that pass's near miss), and the rotation before
+# rope_kv_cache_fusion would fold it into attention (fusing the norms saves more);
+# allreduce_rms_fusion runs before rms_quant_fusion, because its chains (all-reduce,
+# fused_add_rms_norm, quant) contain that pass's (fused_add_rms_norm, quant), which would
+# otherwise be fused first and leave the all-reduce on its own; rope_kv_cache_fusion runs
+# after attn_quant_fusion, whose pattern is attention without a rotation (it has a rewrite
+# for each attention output scheme that one makes); native lowering comes last, so it
+# sees the fused ops the fusions made.
 _PIPELINE: tuple[tuple[str, Callable[[], FusionPass]], ...] = (
     ("noop_elimination", NoopElimination),
+    ("qk_norm_rope", qk_norm_rope_fusion),
     ("allreduce_rms", allreduce_rms_fusion),
     ("rms_quant", rms_quant_fusion),
     ("act_quant", act_quant_fusion),
     ("attn_quant", attn_quant_fusion),
+    ("rope_kv_cache", rope_kv_cache_fusion),
     ("native_lowering", native_lowering),
 )
 
@@ -50,7 +63,7 @@ def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
 
     Example:
         >>> [p.name for p in fxfuse.default_passes()]
-        ['noop_elimination', 'allreduce_rms_fusion', 'rms_quant_fusion', 'act_quant_fusion', 'attn_quant_fusion', 'native_lowering']
+        ['noop_elimination', 'qk_norm_rope_fusion', 'allreduce_rms_fusion', 'rms_quant_fusion', 'act_quant_fusion', 'attn_quant_fusion', 'rope_kv_cache_fusion', 'native_lowering']
     """
     config = config or FusionConfig()
     if not isinstance(config, FusionConfig):
@@ -59,6 +72,6 @@ def default_passes(config: FusionConfig | None = None) -> list[FusionPass]:
 
 
 __all__ = [
-    "FusionConfig", "default_passes", "NoopElimination", "allreduce_rms_fusion", "rms_quant_fusion", "act_quant_fusion",
-    "attn_quant_fusion", "native_lowering",
+    "FusionConfig", "default_passes", "NoopElimination", "qk_norm_rope_fusion", "allreduce_rms_fusion",
+    "rms_quant_fusion", "act_quant_fusion", "attn_quant_fusion", "rope_kv_cache_fusion", "native_lowering",
 ]

@@ -1,5 +1,6 @@
 """``rms_quant_fusion``: RMSNorm (with or without the residual add), then FP8 quant:
-static, dynamic per token, or per token group (block-scaled FP8)."""
+static, dynamic per token, or per token group (block-scaled FP8); and Gemma's ``(1 + w)``
+RMSNorm (fp32 or model-dtype weight), then static or dynamic-per-token FP8 quant."""
 
 from __future__ import annotations
 
@@ -160,6 +161,117 @@ class FusedAddRmsNormGroupFp8Quant(Rewrite):
         return same_model_dtype(val(match, "x"), val(match, "r"), val(match, "w"))
 
 
+# --------------------------------------------------------------------------- Gemma's norm
+
+
+class _GemmaNormQuant(Rewrite):
+    """Gemma's norm takes its weight in fp32 (as Gemma checkpoints keep it) or in the
+    model dtype: the weight's dtype is free, and ``check`` names the two it may be."""
+
+    free_dtypes = ("w",)
+
+    def example_inputs(self):
+        return [*self.activations(), weight(torch.float32), *self.scales(), 1e-6]
+
+    def activations(self) -> list:
+        return [activation()]
+
+    def scales(self) -> list:
+        return []
+
+    def check(self, match):
+        acts = [val(match, n) for n in ("x", "r") if n in match.kwargs]
+        w = val(match, "w")
+        scales_ok = all(is_fp32_scalar(val(match, n)) for n in ("s", "ub") if n in match.kwargs)
+        return same_model_dtype(*acts) and w.dtype in (torch.float32, acts[0].dtype) and scales_ok
+
+
+class GemmaRmsNormStaticFp8Quant(_GemmaNormQuant):
+    """fp8(gemma_rms_norm(x) / s)  ->  gemma_rms_norm_static_fp8_quant"""
+
+    def pattern(self, x, w, s, eps):
+        return fx.static_scaled_fp8_quant(fx.gemma_rms_norm(x, w, eps), s)
+
+    def replacement(self, x, w, s, eps):
+        return fx.gemma_rms_norm_static_fp8_quant(x, w, s, eps)
+
+    def scales(self):
+        return [scale()]
+
+
+class FusedAddGemmaRmsNormStaticFp8Quant(_GemmaNormQuant):
+    """r' = x + r;  fp8(gemma_rms_norm(r') / s)  ->  fused_add_gemma_rms_norm_static_fp8_quant"""
+
+    def pattern(self, x, r, w, s, eps):
+        y, r_out = fx.fused_add_gemma_rms_norm(x, r, w, eps)
+        return fx.static_scaled_fp8_quant(y, s), r_out
+
+    def replacement(self, x, r, w, s, eps):
+        return fx.fused_add_gemma_rms_norm_static_fp8_quant(x, r, w, s, eps)
+
+    def activations(self):
+        return [activation(), activation()]
+
+    def scales(self):
+        return [scale()]
+
+
+class GemmaRmsNormDynamicFp8Quant(_GemmaNormQuant):
+    """per-token fp8(gemma_rms_norm(x))  ->  gemma_rms_norm_dynamic_per_token_fp8_quant"""
+
+    def pattern(self, x, w, eps):
+        return fx.dynamic_per_token_fp8_quant(fx.gemma_rms_norm(x, w, eps))
+
+    def replacement(self, x, w, eps):
+        return fx.gemma_rms_norm_dynamic_per_token_fp8_quant(x, w, eps)
+
+
+class GemmaRmsNormDynamicFp8QuantUb(_GemmaNormQuant):
+    """per-token fp8(gemma_rms_norm(x)), amax capped at ub  ->  gemma_rms_norm_dynamic_per_token_fp8_quant"""
+
+    def pattern(self, x, w, ub, eps):
+        return fx.dynamic_per_token_fp8_quant(fx.gemma_rms_norm(x, w, eps), ub)
+
+    def replacement(self, x, w, ub, eps):
+        return fx.gemma_rms_norm_dynamic_per_token_fp8_quant(x, w, eps, ub)
+
+    def scales(self):
+        return [scale()]
+
+
+class FusedAddGemmaRmsNormDynamicFp8Quant(_GemmaNormQuant):
+    """r' = x + r;  per-token fp8(gemma_rms_norm(r'))  ->  fused_add_gemma_rms_norm_dynamic_per_token_fp8_quant"""
+
+    def pattern(self, x, r, w, eps):
+        y, r_out = fx.fused_add_gemma_rms_norm(x, r, w, eps)
+        q, scales = fx.dynamic_per_token_fp8_quant(y)
+        return q, scales, r_out
+
+    def replacement(self, x, r, w, eps):
+        return fx.fused_add_gemma_rms_norm_dynamic_per_token_fp8_quant(x, r, w, eps)
+
+    def activations(self):
+        return [activation(), activation()]
+
+
+class FusedAddGemmaRmsNormDynamicFp8QuantUb(_GemmaNormQuant):
+    """r' = x + r;  per-token fp8(gemma_rms_norm(r')), amax capped at ub  ->  the fused op"""
+
+    def pattern(self, x, r, w, ub, eps):
+        y, r_out = fx.fused_add_gemma_rms_norm(x, r, w, eps)
+        q, scales = fx.dynamic_per_token_fp8_quant(y, ub)
+        return q, scales, r_out
+
+    def replacement(self, x, r, w, ub, eps):
+        return fx.fused_add_gemma_rms_norm_dynamic_per_token_fp8_quant(x, r, w, eps, ub)
+
+    def activations(self):
+        return [activation(), activation()]
+
+    def scales(self):
+        return [scale()]
+
+
 REWRITES = (
     RmsNormStaticFp8Quant,
     FusedAddRmsNormStaticFp8Quant,
@@ -169,6 +281,12 @@ REWRITES = (
     FusedAddRmsNormDynamicFp8QuantUb,
     RmsNormGroupFp8Quant,
     FusedAddRmsNormGroupFp8Quant,
+    GemmaRmsNormStaticFp8Quant,
+    FusedAddGemmaRmsNormStaticFp8Quant,
+    GemmaRmsNormDynamicFp8Quant,
+    GemmaRmsNormDynamicFp8QuantUb,
+    FusedAddGemmaRmsNormDynamicFp8Quant,
+    FusedAddGemmaRmsNormDynamicFp8QuantUb,
 )
 
 
