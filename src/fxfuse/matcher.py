@@ -73,12 +73,23 @@ class Context:
         self.needs_sort = False  # a splice put a node before one of its inputs
         self.outputs_memo: dict[Any, Any] = {}  # replacement program + input sizes -> output metadata
         self.guards_memo: dict[Any, bool] = {}
+        self._symbols: Optional[dict[Any, torch.fx.Node]] = None
 
     def call(self, node: torch.fx.Node) -> Call:
         c = self._calls.get(node)
         if c is None:
             c = self._calls[node] = normalize(node)
         return c
+
+    def symbol_inputs(self) -> dict[Any, torch.fx.Node]:
+        """Each size symbol the graph takes as a SymInt input -> that placeholder."""
+        if self._symbols is None:
+            self._symbols = {}
+            for p in self.graph.find_nodes(op="placeholder"):
+                v = p.meta.get("val")
+                if isinstance(v, torch.SymInt) and v.node.expr.is_Symbol:
+                    self._symbols.setdefault(v.node.expr, p)
+        return self._symbols
 
     def changed(self, nodes: Any) -> None:
         """Forget what was computed for ``nodes`` (their arguments were rewritten)."""

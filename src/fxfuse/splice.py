@@ -225,17 +225,24 @@ def apply(prepared: Prepared, match: Match, ctx: Context) -> list[torch.fx.Node]
         raise TypeError(f"not a term: {t!r}")
 
     stack_trace = match.anchor.meta.get("stack_trace")
+    symbols = ctx.symbol_inputs()
     with graph.inserting_before(point):
         for c, val in zip(program.calls, prepared.values):
             if c.op == "get_attr":
                 node = graph.get_attr(_constant(graph.owning_module, c.target))
+            elif c.target is torch.ops.aten.sym_size.int and _symbol(val) in symbols:
+                # A size the graph takes as an input (Dynamo passes each dynamic size in as a
+                # SymInt): read from there, not off a tensor of the graph, which would make
+                # that tensor's chain look used by this replacement.
+                new.append(symbols[_symbol(val)])
+                continue
             else:
                 node = graph.call_function(c.target, tuple(arg(a) for a in c.args), {k: arg(v) for k, v in c.kwargs})
             node.meta["val"] = val
             if stack_trace is not None:
                 node.meta["stack_trace"] = stack_trace
             new.append(node)
-    ctx.placed(new, point)
+    ctx.placed([n for n in new if n.op != "placeholder"], point)
     replaced = [arg(o) for o in program.outputs]
     touched: set[torch.fx.Node] = set()
     for old, repl in zip(match.outputs, replaced):
@@ -251,6 +258,10 @@ def apply(prepared: Prepared, match: Match, ctx: Context) -> list[torch.fx.Node]
             graph.erase_node(node)
             pos.pop(node, None)
     return new
+
+
+def _symbol(val: Any) -> Any:
+    return val.node.expr if isinstance(val, torch.SymInt) and val.node.expr.is_Symbol else None
 
 
 def _constant(gm: torch.fx.GraphModule, tensor: torch.Tensor) -> str:
