@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(d)
     d.add_argument("--new-tokens", type=int, default=8)
     d.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    d.add_argument("--no-timing", action="store_true",
+                   help="check counts and tokens only: no untimed warm-up, compile caches on (timings meaningless)")
     d.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: N processes (gloo on cpu, NCCL on cuda, one GPU each); rank 0 reports")
     pt = sub.add_parser("patterns", help="print the registered patterns as readable Python")

@@ -10,7 +10,7 @@ from fxfuse.cli import main
 @pytest.mark.compile
 def test_demo_tp2_fuses_every_all_reduce_and_keeps_the_tp1_tokens(tmp_path, capfd):
     out = tmp_path / "demo.json"
-    rc = main(["demo", "--tp", "2", "--layers", "2", "--quant", "nvfp4", "--new-tokens", "3", "--batch", "2",
+    rc = main(["demo", "--tp", "2", "--layers", "2", "--quant", "nvfp4", "--new-tokens", "3", "--batch", "2", "--no-timing",
                "--json", str(out)])
     result = json.loads(out.read_text())
     printed = capfd.readouterr().out  # rank 0 prints from its own process

@@ -261,9 +261,13 @@ def _demo_report(args: argparse.Namespace, tp1: tuple[torch.Tensor, torch.Tensor
     for i, line in enumerate(manager.describe(), 1):
         print(f"  {i}. {line}")
 
-    with compat.compile_caches_disabled():
-        warm_up_s = _warm_up(args, manager)
+    if args.no_timing:  # counts and tokens only: no warm-up, and compile caches may serve
+        warm_up_s = None
         unfused, fused, table, misses = _run_variants(model, manager, prompts, args.new_tokens)
+    else:
+        with compat.compile_caches_disabled():
+            warm_up_s = _warm_up(args, manager)
+            unfused, fused, table, misses = _run_variants(model, manager, prompts, args.new_tokens)
     want = expected_matches(model)
     want_misses = expected_misses(model, manager.passes)
     if args.tp > 1:  # every rank's tables, summed (the expected counts are per rank)
@@ -388,7 +392,10 @@ def _print_misses(misses: dict[str, dict[str, int]], want: dict[str, dict[str, i
         print("  none")
 
 
-def _print_timings(unfused: Any, fused: Any, warm_up_s: float) -> None:
+def _print_timings(unfused: Any, fused: Any, warm_up_s: float | None) -> None:
+    if warm_up_s is None:
+        print("\ntimings: not measured (--no-timing: no warm-up, compile caches on)")
+        return
     print(f"\n{'':<10}{'compile+prefill s':>18}{'decode s':>10}")
     print(f"{'unfused':<10}{unfused.compile_s:>18.2f}{unfused.run_s:>10.2f}")
     print(f"{'fused':<10}{fused.compile_s:>18.2f}{fused.run_s:>10.2f}")
