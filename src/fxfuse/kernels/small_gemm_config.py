@@ -395,10 +395,13 @@ def choices_from_rows(rows: list[dict[str, Any]], margin: float = 0.03) -> dict[
     return out
 
 
-def write_choices(path: str | os.PathLike, device: str, entry: dict[str, Any], stamp: str) -> dict[str, Any]:
+def write_choices(path: str | os.PathLike, device: str, entry: dict[str, Any], stamp: str,
+                  merge: bool = False) -> dict[str, Any]:
     """Put ``device``'s ``entry`` (``{op: {...}}``, `choices_from_rows`) into the table at
     ``path``, keeping the other devices of a table already there; ``stamp`` (date,
-    versions, command) goes under ``measured``. Returns the table written.
+    versions, command) goes under ``measured``. ``merge``: keep the ops of ``device``'s
+    entry that ``entry`` does not name (the fused forms measured after the plain ops),
+    and add ``stamp`` to its stamp. Returns the table written.
 
     Example:
         >>> write_choices("small_gemm_choices.json", "NVIDIA H200", entry, "2026-12-10, torch 2.11")  # doctest: +SKIP
@@ -409,6 +412,9 @@ def write_choices(path: str | os.PathLike, device: str, entry: dict[str, Any], s
         table = json.loads(p.read_text())
         check_choices(table, str(p))
         table.setdefault("measured", {})
+    if merge and device in table["devices"]:
+        entry = {**table["devices"][device], **entry}
+        stamp = "; ".join(x for x in (table["measured"].get(device), stamp) if x)
     table["devices"][device] = entry
     table["measured"][device] = stamp
     check_choices(table, str(p))
