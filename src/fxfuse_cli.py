@@ -62,6 +62,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated compiles of the e2e and decode-profile sections: baseline (before issue 20: "
                         "no gemm_fusion, no small-batch GEMM), unfused (no passes), fused (default_passes()) "
                         "(default: %(default)s)")
+    p.add_argument("--e2e-decode", metavar="SEQSxCONTEXT,...",
+                   help="decode shapes of the e2e section (default: 1x1024,32x1024,256x1024; '' for none)")
+    p.add_argument("--e2e-prefill", metavar="SEQSxTOKENS,...",
+                   help="prefill shapes of the e2e section (default: 1x2048,32x256,256x32; '' for none)")
+    p.add_argument("--e2e-profile", action="store_true",
+                   help="also profile each e2e decode step (what the decode-profile section reports)")
     p.add_argument("--profile-seqs", default="1,32",
                    help="decode batch sizes the decode-profile section profiles (default: %(default)s)")
     p.add_argument("--profile-context", type=int, default=1024,

@@ -47,6 +47,22 @@ def _same(a, b):
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _normed(a, b):
+    """A normalized output against the unfused norm kernel's: bit for bit under the
+    interpreter; compiled, the row's sum of squares may be reduced in another order, so
+    (DESIGN §2) a bf16 element may be one unit in the last place off, an FP8 one a code
+    step, on rare elements."""
+    if DEVICE == "cpu":
+        return _same(a, b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype == FP8:
+        steps = (a.view(torch.uint8).to(torch.int16) - b.view(torch.uint8).to(torch.int16)).abs()
+    else:
+        steps = (a.view(torch.int16).to(torch.int32) - b.view(torch.int16).to(torch.int32)).abs()
+    return bool(steps.max() <= 1) and steps.float().mean().item() <= 1e-3
+
+
 def _per_tensor_weight(n, k, seed):
     w = _rand(n, k, seed=seed, scale=0.1) * torch.logspace(-1, 1, n)[:, None]
     w_scale = torch.tensor([w.abs().max().item() / 448.0])
@@ -109,7 +125,7 @@ def test_epilogues_equal_gemm_then_their_kernels(m, n, k, cfg, quantized):
         got = sg.small_fp8_linear_fused(x_in, s_in, w_q, w_s, None, torch.bfloat16, epilogue="fused_add_rms_norm",
                                         residual=residual, norm_weight=norm_w, eps=1e-5, out_scale=out_scale,
                                         config=cfg)
-        assert len(got) == 2 and _same(got[0], q if quantized else y) and _same(got[1], r_out)
+        assert len(got) == 2 and _normed(got[0], q if quantized else y) and _same(got[1], r_out)
 
 
 def test_fused_kernels_stay_near_the_native_chain():
@@ -124,7 +140,9 @@ def test_fused_kernels_stay_near_the_native_chain():
     ref, = FL.fp8_linear_fused_native(x, s, w_q, w_s, None, torch.float32)
     x_q = (x.float() / s).clamp(-448, 448).to(FP8)
     mag = (x_q.float().abs() * s) @ (w_q.float().abs() * w_s).t()
-    assert bool(((out - ref).abs() <= 2 * (2 * k + 16) * 2.0**-24 * mag).all())
+    # FP8 tensor cores add with fewer bits than fp32 inside an MMA (test_small_gemm's bound).
+    bound = 2**-10 * mag if DEVICE == "cuda" else 2 * (2 * k + 16) * 2.0**-24 * mag
+    assert bool(((out - ref).abs() <= bound).all())
     residual, norm_w = _model_inputs(m, n, seed=5)
     y, r_out = sg.small_fp8_linear_fused(x, s, w_q, w_s, None, torch.bfloat16, epilogue="fused_add_rms_norm",
                                          residual=residual, norm_weight=norm_w, eps=1e-5)
@@ -163,7 +181,9 @@ def test_block_forms_equal_their_unfused_kernels(m, n, k, group, column_major, c
                                               epilogue="fused_add_rms_norm", residual=residual, norm_weight=norm_w,
                                               eps=1e-5, out_group_size=group, column_major_scales=column_major,
                                               config=cfg)
-        assert [_same(a, b) for a, b in zip(got, (q, s, r_out))] == [True] * 3
+        # A normalized row's group scale follows its maximum: a step there moves the scale a little.
+        assert _normed(got[0], q) and _same(got[2], r_out)
+        assert torch.allclose(got[1], s, rtol=0 if DEVICE == "cpu" else 2**-7, atol=0)
 
 
 def test_a_silu_group_epilogue_needs_whole_groups_per_program():

@@ -85,3 +85,51 @@ def test_gemm_fusion_sweep_measures_forms_and_merges_their_entries(tmp_path, mon
     assert entry["fp8_linear"] == {"max_tokens": 16}  # the plain op's entry is kept
     assert {k for k in entry if k != "fp8_linear"} == set(forms) and all(entry[f]["max_tokens"] == 5 for f in forms)
     assert sweep.main(["--forms", "fp8_linear>gelu"]) == 2
+
+
+def test_decode_round_runs_its_sections_and_judges_the_targets(tmp_path, monkeypatch):
+    """The round's plumbing with every section faked: each leaves its JSON where the real
+    one does; what comes back is at most the device tool's 8 files, with the targets."""
+    import subprocess
+
+    round_ = _script("decode_round")
+    ran = []
+
+    def fake_run(cmd, cwd, env, stdout, stderr, timeout):
+        ran.append((cmd, env.get("FXFUSE_SMALL_GEMM_CHOICES")))
+        work = pathlib.Path(next(a for a in cmd if a.startswith("--junitxml=") or "decode_round_" in a)
+                            .split("=", 1)[-1])
+        work = work if work.is_dir() else work.parent
+        if "small_gemm_sweep.py" in " ".join(cmd):
+            (work / "small_gemm_sweep.json").write_text(json.dumps({"targets": {
+                "1 token": dict(goal_pct=85.0, worst_pct=88.0, worst="fp8 8b o_proj M=1", met=True)}}))
+        elif "block_gemm_sweep.py" in " ".join(cmd):
+            (work / "block_gemm_sweep.json").write_text(json.dumps({"target": dict(target=1.15, best="m64", mean=1.1,
+                                                                                   worst=1.2, met=False)}))
+        elif "bench" in cmd:
+            prof = lambda k: {"per_layer": {"kernels": k, "us": 100.0}}  # noqa: E731
+            (work / "e2e.json").write_text(json.dumps({"e2e": [dict(
+                quant="fp8", phase="decode", seqs=1, pct_floor=dict(baseline=57.0, fused=81.0),
+                profile=dict(baseline=prof(12), fused=prof(9)))]}))
+        elif "--junitxml" in " ".join(cmd):
+            (work / "tests.xml").write_text('<testsuite tests="3" failures="0" errors="0" skipped="1">'
+                                            '<testcase classname="t" name="a"/></testsuite>')
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(round_.subprocess, "run", fake_run)
+    out = tmp_path / "out"
+    assert round_.main(["--out", str(out)]) == 0
+    assert [c[0][1] if c[0][1] != "-m" else c[0][2] for c in ran] == [
+        "pytest", "benchmarks/small_gemm_sweep.py", "benchmarks/gemm_fusion_sweep.py", "benchmarks/block_gemm_sweep.py",
+        "fxfuse"]
+    assert all(choices == str(out / "small_gemm_choices.json") for _, choices in ran)
+    result = json.loads((out / "decode_round.json").read_text())
+    assert all(s["status"] == "ok" for s in result["sections"].values()) and result["tests"]["tests"] == 3
+    t = result["targets"]
+    assert t["small GEMM % of copy BW, 1 token"]["met"] is True
+    assert t["fp8 decode batch 1: % of the weight + KV read floor"] == dict(goal=">= 80%", measured=81.0, before=57.0,
+                                                                            met=True)
+    assert t["fp8 decode batch 1: kernels per layer (baseline -> fused)"]["met"] is True
+    assert t["block-FP8 GEMM over per-tensor _scaled_mm at 4096 tokens"]["met"] is False
+    assert len(list(out.iterdir())) <= 8
+    assert round_.main(["--out", str(out), "--sections", "benchmarks"]) == 2

@@ -66,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nend to end ({', '.join(presets)} layer shapes, {args.layers} layers; {args.e2e_quant}; "
               "triton attention, CUDA graphs; floor = weight + KV bytes read / copy bandwidth):")
         results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")), presets=presets,
-                                 bandwidth=bw, variants=variants)
+                                 bandwidth=bw, variants=variants, decode=_shapes(args.e2e_decode, e2e.DECODE),
+                                 prefill=_shapes(args.e2e_prefill, e2e.PREFILL), profile=args.e2e_profile)
     if "decode-profile" in sections:
         print("\ndecode profile (one decode step per variant under the torch profiler, no CUDA graphs; per layer: "
               "kernels / us by family; each GEMM's share of copy bandwidth on its weight bytes):")
@@ -97,6 +98,16 @@ def main(args: argparse.Namespace) -> int:
     if args.png or args.json:
         print(plot(results, args.png or args.json.rsplit(".", 1)[0] + ".png"))
     return 0
+
+
+def _shapes(spec: str | None, default):
+    """``"1x1024,32x1024"`` -> ``((1, 1024), (32, 1024))``; ``""`` -> none; None -> ``default``."""
+    if spec is None:
+        return default
+    try:
+        return tuple(tuple(int(v) for v in item.split("x")) for item in spec.split(",") if item)
+    except ValueError:
+        raise ValueError(f"fxfuse bench: shapes are SEQSxTOKENS, comma-separated (1x1024,32x1024), got {spec!r}") from None
 
 
 def write_choices(path: str, devices: dict, env: dict) -> None:
