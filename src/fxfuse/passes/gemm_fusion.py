@@ -101,6 +101,13 @@ class _GemmFusion(Rewrite):
         return getattr(fx, self.OP).default
 
     @property
+    def name(self) -> str:
+        """The class name for bf16, ``ClassName[float16]`` for another dtype (not the
+        default ``ClassName(dtype=..., table=...)``, which would spell out the table)."""
+        cls = type(self).__name__
+        return cls if self.dtype == torch.bfloat16 else f"{cls}[{str(self.dtype).rsplit('.', 1)[-1]}]"
+
+    @property
     def key(self) -> str:
         return fused_key(self.PROLOGUE, self.OP, self.EPILOGUE)
 
