@@ -196,7 +196,9 @@ def _close(got: list, want: list) -> bool:
 
 def configs_for(form: Form, m: int, n: int, k: int, table: dict, device: str, sms: int) -> list[SmallGemmConfig]:
     """The fused default, and the plain GEMM's measured config for this shape at the
-    smallest measured count >= ``m`` with the same row tile (where it fits the form)."""
+    smallest measured count >= ``m`` with the same row tile (where it fits the form); for
+    a norm epilogue each with the epilogue in the GEMM's last program and in a second
+    kernel (``row_tail``)."""
     from fxfuse.kernels.small_gemm_config import block_m_for, shape_key
 
     group_k = 128 if form.scheme == "fp8-block" else None
@@ -213,6 +215,8 @@ def configs_for(form: Form, m: int, n: int, k: int, table: dict, device: str, sm
         fits = (group_k is None or cfg.block_k % group_k == 0) and (out_group is None or cfg.block_n % out_group == 0)
         if fits and cfg not in out:
             out.append(cfg)
+    if form.kind == "rows":  # the norm in the GEMM's last program, and in a second kernel, for each
+        out += [c for c in (dataclasses.replace(c, row_tail=not c.row_tail) for c in list(out)) if c not in out]
     return out
 
 

@@ -12,6 +12,8 @@
   no near miss is counted, so the demo's counts are unchanged.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -76,8 +78,10 @@ def _model_inputs(m, n, seed, dtype=torch.bfloat16):
 
 
 # Configs that cover the kernel's branches: unsplit swapped, split unswapped with a K
-# tail and an uneven split, split swapped.
+# tail and an uneven split, split swapped; the norm epilogue in the GEMM's last program
+# (row_tail) unsplit and split.
 CONFIGS = [Cfg(32, 64, 1, 4, 2, True), Cfg(16, 32, 3, 4, 2, False), Cfg(64, 32, 2, 4, 2, True)]
+TAIL_CONFIGS = [Cfg(32, 64, 1, 4, 2, True, True), Cfg(16, 32, 3, 4, 2, False, True)]
 # (tokens, gate/up or output rows, K): a token tail of the 16- and 32-row tiles, rows and K off the tiles.
 SHAPES = [(1, 80, 96), (5, 72, 160), (17, 48, 64)] if DEVICE == "cpu" else [(1, 28672, 4096), (16, 8192, 4096)]
 
@@ -102,7 +106,7 @@ def test_prologues_equal_quant_kernel_then_gemm(m, n, k, cfg):
 
 
 @pytest.mark.parametrize("m, n, k", SHAPES)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label())
+@pytest.mark.parametrize("cfg", CONFIGS + TAIL_CONFIGS, ids=lambda c: c.label())
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "static_fp8"])
 def test_epilogues_equal_gemm_then_their_kernels(m, n, k, cfg, quantized):
     sg, kq, ka, kn, _ = _kernels()
@@ -156,7 +160,7 @@ def test_fused_kernels_stay_near_the_native_chain():
 
 BLOCK_SHAPES = [(3, 2 * 128, 256, 128, True), (5, 2 * 192, 192, 64, False)] if DEVICE == "cpu" else \
     [(1, 28672, 4096, 128, True), (16, 28672, 4096, 128, True)]
-BLOCK_CONFIGS = [Cfg(128, 128, 1, 4, 2, True), Cfg(128, 128, 2, 4, 2, False)]
+BLOCK_CONFIGS = [Cfg(128, 128, 1, 4, 2, True), Cfg(128, 128, 2, 4, 2, False), Cfg(128, 128, 2, 4, 2, True, True)]
 
 
 @pytest.mark.parametrize("m, n, k, group, column_major", BLOCK_SHAPES)
@@ -321,7 +325,11 @@ def test_fused_defaults_fit_the_epilogues():
         # Two fp32 accumulators of block_n x block_m: at most 64 values a thread.
         assert 2 * cfg.block_n * C.block_m_for(m) <= 64 * 32 * cfg.num_warps
     assert C.default_fused_config("silu", 1, 28672, 4096).split_k == 1  # the gate_up weight fills the GPU
-    assert C.default_fused_config("rows", 1, 4096, 14336) == C.default_config(1, 4096, 14336)
+    # The norm epilogue: the plain product's config, the epilogue in its last program at a token or two.
+    assert C.default_fused_config("rows", 1, 4096, 14336) == dataclasses.replace(C.default_config(1, 4096, 14336),
+                                                                                 row_tail=True)
+    assert not C.default_fused_config("rows", 16, 4096, 14336).row_tail
+    assert "row_tail" not in Cfg(64, 256).as_dict() and Cfg.from_dict(Cfg(64, 256, row_tail=True).as_dict()).row_tail
     with pytest.raises(ValueError, match=r"kind must be 'silu' or 'rows', got 'gelu'"):
         C.default_fused_config("gelu", 1, 64, 64)
 

@@ -126,12 +126,14 @@ def _store_out(y, out_ptr, offs, mask, qscale_ptr, qs_ptr, s_offs, s_mask,
                                "qs_row_stride", "qs_group_stride"])
 def _small_fp8_gemm_kernel(
     x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, ub_ptr, xs_out_ptr, qscale_ptr, qs_ptr,
-    M, N, K, steps_per_split, xs_row_stride, xs_group_stride, ws_row_stride, qs_row_stride, qs_group_stride,
+    res_ptr, nw_ptr, res_out_ptr, ticket_ptr,
+    M, N, K, steps_per_split, xs_row_stride, xs_group_stride, ws_row_stride, qs_row_stride, qs_group_stride, eps,
     SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr,
     SPLIT: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, EXACT_CASTS: tl.constexpr,
     XQ: tl.constexpr, HAS_UB: tl.constexpr, EPI: tl.constexpr, OUTQ: tl.constexpr, OUT_GROUP: tl.constexpr,
-    MID_DTYPE: tl.constexpr,
+    MID_DTYPE: tl.constexpr, ROW_TAIL: tl.constexpr, ROW_BLOCK: tl.constexpr, TILE_GROUP: tl.constexpr,
+    TAIL_SCALES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -281,6 +283,26 @@ def _small_fp8_gemm_kernel(
         tl.store(part_ptr + (pid_k * M + rows)[:, None] * N + cols[None, :], acc, mask=out_mask)
         if EPI == 1:
             tl.store(part_ptr + (pid_k * M + rows)[:, None] * N + NC + cols[None, :], acc_u, mask=out_mask)
+        if ROW_TAIL:
+            # The last program to finish normalizes every row. Its ticket's release (after
+            # a barrier: every thread's partials are out) and acquire order the partials of
+            # all programs before its reads (the pattern of Inductor's cooperative
+            # reductions); it resets the ticket for the next launch (graph replays too).
+            tl.debug_barrier()
+            programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+            if ticket == programs - 1:
+                tl.debug_barrier()
+                if XQ == 2:
+                    t_xs, t_stride = xs_out_ptr, 1
+                else:
+                    t_xs, t_stride = xs_ptr, xs_row_stride
+                for r in range(0, M):
+                    _row_epilogue(r, part_ptr, t_xs, ws_ptr, bias_ptr, res_ptr, nw_ptr, res_out_ptr, out_ptr,
+                                  qscale_ptr, qs_ptr, M, N, t_stride, tl.num_programs(1), qs_row_stride,
+                                  qs_group_stride, eps, TAIL_SCALES, HAS_BIAS, ROW_BLOCK, TILE_GROUP, OUTQ,
+                                  MID_DTYPE, EXACT_CASTS)
+                tl.atomic_xchg(ticket_ptr, 0)
     else:
         if XQ == 2:
             xs = x_s[:, None]
@@ -364,25 +386,26 @@ def _silu_reduce_kernel(
                OUTQ, OUT_GROUP, EXACT_CASTS)
 
 
-@triton.jit(do_not_specialize=["M", "xs_row_stride", "split_k", "qs_row_stride", "qs_group_stride"])
-def _rows_kernel(
-    part_ptr, xs_ptr, ws_ptr, bias_ptr, res_ptr, nw_ptr, res_out_ptr, out_ptr, qscale_ptr, qs_ptr,
+@triton.jit
+def _row_epilogue(
+    row, part_ptr, xs_ptr, ws_ptr, bias_ptr, res_ptr, nw_ptr, res_out_ptr, out_ptr, qscale_ptr, qs_ptr,
     M, N, xs_row_stride, split_k, qs_row_stride, qs_group_stride, eps,
     SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, TILE_GROUP: tl.constexpr,
     OUTQ: tl.constexpr, MID_DTYPE: tl.constexpr, EXACT_CASTS: tl.constexpr,
 ):
-    # One token row: the split-K reduction (split order), the GEMM's epilogue and rounding,
-    # then the fused residual add + RMSNorm (+ quant) on the row in registers, laid out as
-    # the norm kernels lay it out (in groups for a group quant).
-    row = tl.program_id(0).to(tl.int64)
+    """Token row ``row``: the split-K reduction (split order), the GEMM's epilogue and
+    rounding, then the fused residual add + RMSNorm (+ quant) on the row in registers,
+    laid out as the norm kernels lay it out (in groups for a group quant). The partials
+    are read past L1 (``.cg``): in the GEMM's last program they were written by other
+    multiprocessors, whose lines an earlier launch may have left in this one's L1."""
     rows = row + tl.arange(0, 1)
     offs, mask, cols, col_mask = norm_tile_offsets(rows, M, N, BLOCK, TILE_GROUP)
     total = M * N
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
     for s in range(1, split_k):
-        acc += tl.load(part_ptr + s * total + offs, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + s * total + offs, mask=mask, other=0.0, cache_modifier=".cg")
     if SCALES == 1:
-        xs = tl.load(xs_ptr + row * xs_row_stride)
+        xs = tl.load(xs_ptr + row * xs_row_stride, cache_modifier=".cg")
     elif SCALES == 0:
         xs = tl.load(xs_ptr)
     else:
@@ -402,6 +425,18 @@ def _rows_kernel(
         s_offs = rows[:, None] * qs_row_stride + groups[None, :] * qs_group_stride
         s_mask = (rows < M)[:, None] & (groups * TILE_GROUP < N)[None, :]
         tl.store(out_ptr + offs, _group_codes(y.to(tl.float32), qs_ptr, s_offs, s_mask, EXACT_CASTS), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "xs_row_stride", "split_k", "qs_row_stride", "qs_group_stride"])
+def _rows_kernel(
+    part_ptr, xs_ptr, ws_ptr, bias_ptr, res_ptr, nw_ptr, res_out_ptr, out_ptr, qscale_ptr, qs_ptr,
+    M, N, xs_row_stride, split_k, qs_row_stride, qs_group_stride, eps,
+    SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, TILE_GROUP: tl.constexpr,
+    OUTQ: tl.constexpr, MID_DTYPE: tl.constexpr, EXACT_CASTS: tl.constexpr,
+):
+    _row_epilogue(tl.program_id(0).to(tl.int64), part_ptr, xs_ptr, ws_ptr, bias_ptr, res_ptr, nw_ptr, res_out_ptr,
+                  out_ptr, qscale_ptr, qs_ptr, M, N, xs_row_stride, split_k, qs_row_stride, qs_group_stride, eps,
+                  SCALES, HAS_BIAS, BLOCK, TILE_GROUP, OUTQ, MID_DTYPE, EXACT_CASTS)
 
 
 def _check_config(config: SmallGemmConfig, group_k: Optional[int], epi: int = EPI_NONE,
@@ -478,24 +513,30 @@ def _launch(x, w_q, xs, ws, bias, out_dtype, scales, xs_strides, ws_row_stride, 
     xs_out = torch.empty(m, dtype=torch.float32, device=x.device) if xq == X_DYNAMIC else None
     dummy = out
     mid = _TL_DTYPES[out_dtype]
-    grid = (triton.cdiv(nc, config.block_n), split, triton.cdiv(m, block_m))
-    _small_fp8_gemm_kernel[grid](
-        x, w_q, _dummy(dummy, xs), ws, _dummy(dummy, bias), out, part, _dummy(dummy, scale_ub),
-        _dummy(dummy, xs_out), _dummy(dummy, out_scale), _dummy(dummy, qs),
-        m, n, k, per_split, xs_strides[0], xs_strides[1], ws_row_stride, qs_strides[0], qs_strides[1],
-        SCALES=scales, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, GROUP_K=group_k or config.block_k, SPLIT=partials, SWAP_AB=config.swap_ab,
-        EVEN_K=(k % config.block_k == 0), EXACT_CASTS=exact_casts(),
-        XQ=xq, HAS_UB=scale_ub is not None, EPI=epi, OUTQ=outq, OUT_GROUP=out_group or 1, MID_DTYPE=mid,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if not partials:
-        return outs
-    # The second kernel reads the scales the GEMM used: the dynamic prologue's from xs_out.
+    # The row epilogue reads the scales the GEMM used: the dynamic prologue's from xs_out.
     if xq == X_DYNAMIC:
         r_scales, r_xs, r_stride = PER_TOKEN, xs_out, 1
     else:
         r_scales, r_xs, r_stride = scales, _dummy(dummy, xs), xs_strides[0]
+    tail = epi == EPI_ROWS and config.row_tail
+    row_block = triton.next_power_of_2(n)
+    tile_group = out_group if outq == OUT_GROUP else 0
+    grid = (triton.cdiv(nc, config.block_n), split, triton.cdiv(m, block_m))
+    _small_fp8_gemm_kernel[grid](
+        x, w_q, _dummy(dummy, xs), ws, _dummy(dummy, bias), out, part, _dummy(dummy, scale_ub),
+        _dummy(dummy, xs_out), _dummy(dummy, out_scale), _dummy(dummy, qs),
+        _dummy(dummy, residual), _dummy(dummy, norm_weight), _dummy(dummy, res_out),
+        _ticket(x.device) if tail else dummy,
+        m, n, k, per_split, xs_strides[0], xs_strides[1], ws_row_stride, qs_strides[0], qs_strides[1], float(eps),
+        SCALES=scales, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, GROUP_K=group_k or config.block_k, SPLIT=partials, SWAP_AB=config.swap_ab,
+        EVEN_K=(k % config.block_k == 0), EXACT_CASTS=exact_casts(),
+        XQ=xq, HAS_UB=scale_ub is not None, EPI=epi, OUTQ=outq, OUT_GROUP=out_group or 1, MID_DTYPE=mid,
+        ROW_TAIL=tail, ROW_BLOCK=row_block if tail else 1, TILE_GROUP=tile_group, TAIL_SCALES=r_scales,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if not partials or tail:
+        return outs
     if epi == EPI_NONE:
         _split_k_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
             part, r_xs, ws, _dummy(dummy, bias), out, m, n, r_stride, split,
@@ -511,15 +552,30 @@ def _launch(x, w_q, xs, ws, bias, out_dtype, scales, xs_strides, ws_row_stride, 
             EXACT_CASTS=exact_casts(), num_warps=2,
         )
     else:
-        block = triton.next_power_of_2(n)
         _rows_kernel[(m,)](
             part, r_xs, ws, _dummy(dummy, bias), residual, norm_weight, res_out, out, _dummy(dummy, out_scale),
             _dummy(dummy, qs), m, n, r_stride, split, qs_strides[0], qs_strides[1], float(eps),
-            SCALES=r_scales, HAS_BIAS=bias is not None, BLOCK=block,
-            TILE_GROUP=out_group if outq == OUT_GROUP else 0, OUTQ=outq, MID_DTYPE=mid,
-            EXACT_CASTS=exact_casts(), num_warps=min(max(block // 512, 1), 16),  # as norm_launch with a residual
+            SCALES=r_scales, HAS_BIAS=bias is not None, BLOCK=row_block, TILE_GROUP=tile_group, OUTQ=outq,
+            MID_DTYPE=mid, EXACT_CASTS=exact_casts(),
+            num_warps=min(max(row_block // 512, 1), 16),  # as norm_launch with a residual
         )
     return outs
+
+
+# Tickets of the row tail: a ring per device, each launch taking the next one, so
+# launches on other streams do not share one while in flight; a ticket is 0 again when
+# its kernel ends (the last program resets it). Made once per device, before any capture
+# (the first launch is an eager warm-up), so graphs hold their addresses.
+_TICKETS: dict[torch.device, list] = {}
+_TICKET_RING = 1024
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    ring = _TICKETS.get(device)
+    if ring is None:
+        ring = _TICKETS[device] = [torch.zeros(_TICKET_RING, dtype=torch.int32, device=device), 0]
+    ring[1] = (ring[1] + 1) % _TICKET_RING
+    return ring[0][ring[1]:]
 
 
 def small_fp8_linear(

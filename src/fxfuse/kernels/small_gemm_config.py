@@ -35,6 +35,9 @@ CHOICES_ENV = "FXFUSE_SMALL_GEMM_CHOICES"
 MAX_TOKENS_ENV = "FXFUSE_SMALL_GEMM_MAX_TOKENS"
 #: The largest token count the kernel is built for: a 64-row tile is its biggest.
 MAX_TOKENS = 64
+#: Up to this many tokens the default config of a norm epilogue runs it in the GEMM's
+#: last program (``row_tail``); measured configs decide above.
+ROW_TAIL_TOKENS = 2
 #: The ops that can dispatch to the kernel (keys of a device's table entry).
 OPS = ("fp8_linear", "block_fp8_linear")
 #: Activation quants a fused form folds into the GEMM's prologue, per GEMM op.
@@ -103,7 +106,10 @@ class SmallGemmConfig:
       range; their fp32 partial tiles are added in a fixed order by a second kernel;
     - ``num_warps``, ``num_stages``: Triton's;
     - ``swap_ab``: compute ``w_tile @ x_tile.T`` so the weight tile is the MMA's M side
-      (Hopper's wgmma needs 64 rows there, which 1-64 tokens cannot give).
+      (Hopper's wgmma needs 64 rows there, which 1-64 tokens cannot give);
+    - ``row_tail``: for the residual + RMSNorm epilogue of a fused form, the last GEMM
+      program to finish runs it over every token row (an atomic ticket), instead of a
+      second kernel: one launch less, one program's serial work more (a few rows pay).
 
     Example:
         >>> SmallGemmConfig(64, 256, 4, 4, 4).as_dict()["split_k"]
@@ -116,9 +122,13 @@ class SmallGemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     swap_ab: bool = False
+    row_tail: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.row_tail:  # tables written before the field existed stay what they were
+            del d["row_tail"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SmallGemmConfig":
@@ -135,7 +145,7 @@ class SmallGemmConfig:
 
     def label(self) -> str:
         return (f"n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
-                + (" swap" if self.swap_ab else ""))
+                + (" swap" if self.swap_ab else "") + (" tail" if self.row_tail else ""))
 
 
 def block_m_for(m: int) -> int:
@@ -206,14 +216,17 @@ def default_fused_config(kind: str, m: int, n: int, k: int, group_k: Optional[in
     split counted over all ``n`` rows since that is the weight in flight; 8 warps where
     the two fp32 accumulators would hold more than 64 values a thread, which spilled at
     64 tokens x 128-row tiles in the sm_90 compile) or ``"rows"`` (the residual + norm
-    epilogue, which does not change the product: `default_config`).
+    epilogue: `default_config`, with the last program running the epilogue at most
+    `ROW_TAIL_TOKENS` tokens: a row costs that program a few L2 round trips, about what a
+    second launch costs at one or two rows).
 
     Example:
         >>> default_fused_config("silu", 1, 28672, 4096)
         SmallGemmConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4, swap_ab=True)
     """
     if kind == "rows":
-        return default_config(m, n, k, group_k, sms)
+        # One program normalizes every row at the end: worth a launch at a token or two.
+        return dataclasses.replace(default_config(m, n, k, group_k, sms), row_tail=m <= ROW_TAIL_TOKENS)
     if kind != "silu":
         raise ValueError(f"default_fused_config: kind must be 'silu' or 'rows', got {kind!r}")
     block_n = max(64, out_group or 0)
