@@ -14,7 +14,8 @@ Sections, in order, each a subprocess with its own time limit (what is left of
   `tests/test_block_linear.py`);
 - ``small-gemm``: ``benchmarks/small_gemm_sweep.py`` at Llama-3-8B shapes, 1/4/16/32/64
   tokens, for the ``--quant`` schemes: the small-batch GEMM's % of copy bandwidth on the
-  weight bytes (targets >= 85% at 1 token, >= 80% at 16-64), and the measured dispatch table;
+  weight bytes (targets >= 85% at 1 token, >= 80% at 16-64), and the measured dispatch
+  table; skipped where the shipped table has this GPU's entry already (``--remeasure``);
 - ``fusion``: ``benchmarks/gemm_fusion_sweep.py`` on the reference model's chains: each
   fused form against the unfused chain under that table; their entries join it;
 - ``block-gemm``: ``benchmarks/block_gemm_sweep.py`` at 4096 tokens: the block-FP8 GEMM's
@@ -28,8 +29,8 @@ Sections, in order, each a subprocess with its own time limit (what is left of
 Files back under ``$OUT`` (the device tool returns at most 8): ``decode_round.json`` (every
 section's results, the targets and their verdicts; rewritten after each section, so a run
 cut short keeps what finished), ``decode_round.log``, ``small_gemm_choices.json`` and
-``block_gemm_choices.json`` (the measured tables: copy them to src/fxfuse/kernels/ to
-ship them). ``--small-gemm-choices`` / ``--block-gemm-choices`` take tables measured by an
+``block_gemm_choices.json`` (the shipped tables with this run's measurements merged in:
+copy them to src/fxfuse/kernels/ to ship them). ``--small-gemm-choices`` / ``--block-gemm-choices`` take tables measured by an
 earlier round instead of measuring (for a second call that only runs ``e2e``).
 """
 
@@ -127,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="baseline,unfused,fused", help="e2e compiles (default: %(default)s)")
     p.add_argument("--small-gemm-choices", metavar="PATH", help="use this table instead of measuring one")
     p.add_argument("--block-gemm-choices", metavar="PATH", help="use this table instead of measuring one")
+    p.add_argument("--remeasure", action="store_true",
+                   help="run the small-GEMM sweep even where the table has this GPU's entry already")
     args = p.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -138,18 +141,22 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="decode_round_"))
     small, block = out / "small_gemm_choices.json", out / "block_gemm_choices.json"
-    for given, path in ((args.small_gemm_choices, small), (args.block_gemm_choices, block)):
-        if given:
-            shutil.copyfile(given, path)
+    # The round's tables start from the given ones, else the shipped ones: what this run
+    # measures is merged in, every other device's (and op's) entry kept.
+    shipped = ROOT / "src" / "fxfuse" / "kernels"
+    for given, path, name in ((args.small_gemm_choices, small, "small_gemm_choices.json"),
+                              (args.block_gemm_choices, block, "block_gemm_choices.json")):
+        source = pathlib.Path(given) if given else shipped / name
+        if source.exists():
+            shutil.copyfile(source, path)
+    if "small-gemm" in sections and not args.remeasure and _measured(small, args.quant):
+        sections.remove("small-gemm")
+        print("small-gemm: this GPU's entry is in the table already (--remeasure measures again)", flush=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if small.exists() or "small-gemm" in sections:
-        env["FXFUSE_SMALL_GEMM_CHOICES"] = str(small)
-    if block.exists() or "block-gemm" in sections:
-        env["FXFUSE_BLOCK_GEMM_CHOICES"] = str(block)
-    if "small-gemm" in sections and not small.exists():
-        small.write_text(json.dumps({"devices": {}, "measured": {}}))  # the sweeps merge into it
-    if "block-gemm" in sections and not block.exists():
-        block.write_text(json.dumps({"devices": {}, "measured": {}}))
+    for path in (small, block):
+        if not path.exists():
+            path.write_text(json.dumps({"devices": {}, "measured": {}}))  # the sweeps merge into it
+    env["FXFUSE_SMALL_GEMM_CHOICES"], env["FXFUSE_BLOCK_GEMM_CHOICES"] = str(small), str(block)
     log_path = out / "decode_round.log"
     results: dict = {"sections": {}, "args": vars(args)}
     commands = _commands(args, work, small, block)
@@ -186,6 +193,22 @@ def main(argv=None) -> int:
     print(f"\n{time.time() - start:.0f} s in all; results in {out / 'decode_round.json'}, log {log_path}")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if all(v["status"] == "ok" for v in results["sections"].values()) else 1
+
+
+def _measured(table: pathlib.Path, quant: str) -> bool:
+    """Whether ``table`` has this GPU's small-GEMM entry for every op of ``quant``'s schemes
+    (asked of a subprocess: this script imports no torch)."""
+    if not table.exists():
+        return False
+    ops = {"fp8": "fp8_linear", "fp8-block": "block_fp8_linear"}
+    want = [ops[q] for q in quant.split(",") if q in ops]
+    try:
+        name = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+    except subprocess.TimeoutExpired:
+        return False
+    entry = json.loads(table.read_text()).get("devices", {}).get(name, {})
+    return bool(name) and all(op in entry for op in want)
 
 
 def _junit_summary(path: pathlib.Path) -> dict:

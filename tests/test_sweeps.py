@@ -117,6 +117,7 @@ def test_decode_round_runs_its_sections_and_judges_the_targets(tmp_path, monkeyp
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(round_.subprocess, "run", fake_run)
+    monkeypatch.setattr(round_, "_measured", lambda table, quant: False)  # this GPU is not in the shipped table
     out = tmp_path / "out"
     assert round_.main(["--out", str(out)]) == 0
     assert [c[0][1] if c[0][1] != "-m" else c[0][2] for c in ran] == [
@@ -132,4 +133,11 @@ def test_decode_round_runs_its_sections_and_judges_the_targets(tmp_path, monkeyp
     assert t["fp8 decode batch 1: kernels per layer (baseline -> fused)"]["met"] is True
     assert t["block-FP8 GEMM over per-tensor _scaled_mm at 4096 tokens"]["met"] is False
     assert len(list(out.iterdir())) <= 8
+    # The round's table starts from the shipped one: every measured device stays in it.
+    shipped = json.loads((ROOT / "src" / "fxfuse" / "kernels" / "small_gemm_choices.json").read_text())
+    assert set(json.loads((out / "small_gemm_choices.json").read_text())["devices"]) == set(shipped["devices"])
+    monkeypatch.setattr(round_, "_measured", lambda table, quant: True)
+    ran.clear()
+    assert round_.main(["--out", str(tmp_path / "again"), "--sections", "small-gemm,fusion"]) == 0
+    assert [c[0][1] for c in ran] == ["benchmarks/gemm_fusion_sweep.py"]  # measured already: not again
     assert round_.main(["--out", str(out), "--sections", "benchmarks"]) == 2
