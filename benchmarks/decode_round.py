@@ -66,7 +66,7 @@ def _commands(args, work: pathlib.Path, small: pathlib.Path, block: pathlib.Path
     schemes = ",".join(quants)
     forms = ",".join(f for q in quants for f in MODEL_FORMS.get(q, ()))
     return {
-        "tests": [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_gemm_fusion.py",
+        "tests": [py, "-m", "pytest", "-q", "--maxfail=10", "-p", "no:cacheprovider", "tests/test_gemm_fusion.py",
                   "tests/test_block_linear.py", "-k", "not reference_model", f"--junitxml={work / 'tests.xml'}"],
         "small-gemm": [py, "benchmarks/small_gemm_sweep.py", "--out", str(work), "--models", "8b",
                        "--tokens", "1,4,16,32,64", "--schemes", schemes, "--write-choices", str(small),
