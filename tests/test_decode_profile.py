@@ -53,6 +53,8 @@ def test_kernels_are_linked_to_the_outermost_linear_and_its_weight_shape():
         # fp8_linear launching cuBLAS through aten::_scaled_mm (the kernel links to the inner op)
         _cpu("fxfuse::fp8_linear", 0, 100, 1, [(1, 4096), (6144, 4096), (1,), (1,)]),
         _cpu("aten::_scaled_mm", 10, 90, 2, [(1, 4096), (4096, 6144)]),
+        # the runtime call launching it: a CPU event linked to the op, whose own id may be an op's
+        FakeEvent("cudaLaunchKernel", DeviceType.CPU, 20, 30, 4, 2),
         _gpu("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", 1000, 13000, 2),
         # a fused linear launching the small GEMM and its row epilogue itself
         _cpu("fxfuse::fp8_linear_fused", 200, 300, 3, [(1, 4096), (), (4096, 14336), (1,)]),

@@ -93,7 +93,10 @@ def kernel_records(events: Iterable[Any]) -> list[KernelRecord]:
     from torch.autograd import DeviceType
 
     events = list(events)
-    cpu = [e for e in events if e.device_type() == DeviceType.CPU and e.correlation_id()]
+    # Torch's ops, not the runtime calls (cudaLaunchKernel is a CPU event too, linked to its
+    # op, with a CUPTI correlation id that may equal an op's).
+    cpu = [e for e in events if e.device_type() == DeviceType.CPU and e.correlation_id()
+           and not e.linked_correlation_id()]
     gpu = [e for e in events if e.device_type() != DeviceType.CPU]
     # Parent links by a sweep per thread: ops sorted by start (longest first at a tie);
     # the stack holds the ops that contain the current one.
