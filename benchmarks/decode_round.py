@@ -30,8 +30,9 @@ Files back under ``$OUT`` (the device tool returns at most 8): ``decode_round.js
 section's results, the targets and their verdicts; rewritten after each section, so a run
 cut short keeps what finished), ``decode_round.log``, ``small_gemm_choices.json`` and
 ``block_gemm_choices.json`` (the shipped tables with this run's measurements merged in:
-copy them to src/fxfuse/kernels/ to ship them). ``--small-gemm-choices`` / ``--block-gemm-choices`` take tables measured by an
-earlier round instead of measuring (for a second call that only runs ``e2e``).
+copy them to src/fxfuse/kernels/ to ship them). ``--small-gemm-choices`` /
+``--block-gemm-choices`` start from tables of an earlier round instead (for a second call
+that only runs ``e2e``: ``--sections e2e``).
 """
 
 from __future__ import annotations

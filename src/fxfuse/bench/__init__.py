@@ -107,7 +107,8 @@ def _shapes(spec: str | None, default):
     try:
         return tuple(tuple(int(v) for v in item.split("x")) for item in spec.split(",") if item)
     except ValueError:
-        raise ValueError(f"fxfuse bench: shapes are SEQSxTOKENS, comma-separated (1x1024,32x1024), got {spec!r}") from None
+        raise ValueError(f"fxfuse bench: shapes are SEQSxTOKENS, comma-separated (1x1024,32x1024), "
+                         f"got {spec!r}") from None
 
 
 def write_choices(path: str, devices: dict, env: dict) -> None:

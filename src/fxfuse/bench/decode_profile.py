@@ -292,6 +292,7 @@ def format_profile(label: str, p: dict[str, Any]) -> list[str]:
     lines.append(f"    tail (final norm, LM head): {p['tail']['kernels']} kernels, {p['tail']['us']:.1f} us")
     for g in p["gemms"]:
         bw = f"{g['pct_copy_bw']:5.1f}% of copy BW" if g["pct_copy_bw"] is not None else "        (unknown weight)"
-        lines.append(f"    {g['linear']:13s} {g['n']:>6d}x{g['k']:<6d} x{g['calls']:<3d} {g['kernels_per_call']:.1f} kernels "
+        lines.append(f"    {g['linear']:13s} {g['n']:>6d}x{g['k']:<6d} x{g['calls']:<3d} "
+                     f"{g['kernels_per_call']:.1f} kernels "
                      f"{g['us']:8.2f} us  {bw}  [{', '.join(g['kernels'])[:90]}]")
     return lines
