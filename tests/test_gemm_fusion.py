@@ -152,8 +152,11 @@ def test_fused_kernels_stay_near_the_native_chain():
                                          residual=residual, norm_weight=norm_w, eps=1e-5)
     y_ref, r_ref = FL.fp8_linear_fused_native(x, s, w_q, w_s, None, torch.bfloat16, epilogue="fused_add_rms_norm",
                                               residual=residual, norm_weight=norm_w, eps=1e-5)
-    torch.testing.assert_close(r_out, r_ref, atol=0, rtol=2**-7)
-    torch.testing.assert_close(y, y_ref, atol=0, rtol=2**-6)
+    # A GEMM output a bf16 step off moves the residual sum by that step, whatever the sum's
+    # own size (it may cancel), and the normalized row by about as much of its scale.
+    step = 2**-7 * (r_ref.float().abs().max() + residual.float().abs().max())
+    torch.testing.assert_close(r_out.float(), r_ref.float(), atol=step.item(), rtol=2**-7)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2**-6 * y_ref.float().abs().max().item(), rtol=2**-6)
 
 
 # --------------------------------------------------------------------------- block-scaled FP8: kernels
