@@ -120,21 +120,23 @@ def test_a_step_is_cut_into_layers_at_down_proj_and_summed_by_family():
 
 
 def test_the_weights_of_a_model_by_shape():
-    from fxfuse.models import LlamaForCausalLM, ModelConfig
+    from fxfuse.models import ModelConfig, build_model
 
     # Every weight shape distinct (the tiny preset's LM head is gate_up's shape).
-    model = LlamaForCausalLM(ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=1,
-                                         num_heads=4, num_kv_heads=2, head_dim=16))
+    model = build_model(ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=1,
+                                    num_heads=4, num_kv_heads=2, head_dim=16))
     w = dp.model_weights(model)
     c = model.config
     assert w[(c.intermediate_size * 2, c.hidden_size)][0] == "gate_up_proj"
     assert w[(c.hidden_size, c.intermediate_size)] == ("down_proj", c.hidden_size * c.intermediate_size + 4)
     assert w[(c.vocab_size, c.hidden_size)] == ("lm_head", c.vocab_size * c.hidden_size * 2)
     assert dp.down_shape(w) == (c.hidden_size, c.intermediate_size)
-    # The floor's bytes: every buffer once, of the embedding only the looked-up rows.
-    embed = c.vocab_size * c.hidden_size * 2
+    # The floor's bytes: every buffer once, of the embedding and the rotary table only the looked-up rows.
+    tables = {n: b for n, b in model.named_buffers() if n in ("embed_tokens", "cos_sin_cache")}
+    assert set(tables) == {"embed_tokens", "cos_sin_cache"}
     total = sum(b.numel() * b.element_size() for b in model.buffers())
-    assert e2e.weight_read_bytes(model, 3) == total - embed + 3 * c.hidden_size * 2
+    looked_up = sum(3 * b.shape[1] * b.element_size() - b.numel() * b.element_size() for b in tables.values())
+    assert e2e.weight_read_bytes(model, 3) == total + looked_up
     assert e2e.kv_read_bytes(c, seqs=2, context=10) == 1 * 2 * 10 * 2 * c.num_kv_heads * c.head_dim * 2
     model.close()
 
@@ -143,7 +145,6 @@ def test_e2e_reports_the_floor_and_profiles_decode(monkeypatch):
     """The section's plumbing at the tiny preset on the CPU: every variant compiled and
     timed (fake timer), each row against the floor, decode rows profiled (fake profiler)."""
     monkeypatch.setattr(e2e, "DEVICE", "cpu")
-    monkeypatch.setattr(e2e, "PRESET", "tiny")
     monkeypatch.setattr(e2e, "BACKEND", "native")
     monkeypatch.setattr(e2e, "block_size", lambda: 16)
     timed = []
@@ -165,11 +166,11 @@ def test_e2e_reports_the_floor_and_profiles_decode(monkeypatch):
     monkeypatch.setattr(e2e, "graph_us", fake_graph_us)
     monkeypatch.setattr(dp, "profile", fake_profile)
     logs = []
-    rows = e2e.run(layers=1, quants=("fp8",), log=logs.append, bandwidth=1e9, variants=("unfused", "fused", "baseline"),
-                   decode=((2, 8),), prefill=((1, 6),), profile=True)
+    rows = e2e.run(layers=1, quants=("fp8",), log=logs.append, presets=("tiny",), bandwidth=1e9,
+                   variants=("unfused", "fused", "baseline"), decode=((2, 8),), prefill=((1, 6),), profile=True)
     assert [r["phase"] for r in rows] == ["decode", "prefill"]
     dec, pre = rows
-    assert set(dec["pct_floor"]) == {"baseline", "unfused", "fused"}
+    assert dec["model"] == "tiny" and set(dec["pct_floor"]) == {"baseline", "unfused", "fused"}
     assert dec["floor_us"] == pytest.approx((dec["weight_bytes"] + dec["kv_bytes"]) / 1e9 * 1e6)
     assert dec["pct_floor"]["fused"] == pytest.approx(100 * dec["floor_us"] / dec["fused_us"])
     assert dec["speedup"] == dec["unfused_us"] / dec["fused_us"]

@@ -99,7 +99,7 @@ def run(layers: int = LAYERS, quants: tuple[str, ...] = ("fp8", "fp8-block"), lo
         variants: Sequence[str] = ("unfused", "fused"), decode: Optional[Sequence[tuple[int, int]]] = None,
         prefill: Optional[Sequence[tuple[int, int]]] = None, profile: bool = False) -> list[dict]:
     """Decode and prefill rows (``model`` and ``layers`` recorded in each) of one model per
-    preset and quant scheme; ``bandwidth`` (bytes/s; measured if None) divides the floor;
+    preset and quant scheme; ``bandwidth`` (bytes/s; measured per model if None) divides the floor;
     ``variants`` of `VARIANTS`; ``decode``/``prefill`` the shapes (default `DECODE`,
     `PREFILL`); ``profile``: profile each decode step per variant (`fxfuse.bench.decode_profile`).
 
@@ -109,19 +109,22 @@ def run(layers: int = LAYERS, quants: tuple[str, ...] = ("fp8", "fp8-block"), lo
         {'qwen3-8b'}
     """
     from ..models import ModelConfig
-    from .timing import copy_bandwidth
 
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"e2e: unknown variants {unknown}; known: {list(VARIANTS)}")
     for preset in presets:  # a typo fails before any model is built
         ModelConfig.preset(preset)
-    bandwidth = bandwidth or copy_bandwidth()
+    # Only what differs from _run_model's defaults is passed on (its plain form stays callable).
+    extra = {k: v for k, v in dict(bandwidth=bandwidth, decode=decode, prefill=prefill).items() if v is not None}
+    if tuple(variants) != ("unfused", "fused"):
+        extra["variants"] = tuple(variants)
+    if profile:
+        extra["profile"] = True
     rows = []
     for preset in presets:
         for quant in quants:
-            rows += _run_model(layers, quant, log, preset, bandwidth=bandwidth, variants=variants, decode=decode,
-                               prefill=prefill, profile=profile)
+            rows += _run_model(layers, quant, log, preset, **extra)
             torch._dynamo.reset()
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
@@ -161,9 +164,14 @@ def _variant_env(variant: str):
 def _run_model(layers: int, quant: str, log, preset: str = "llama3-8b", *, bandwidth: Optional[float] = None,
                variants: Sequence[str] = ("unfused", "fused"), decode=None, prefill=None,
                profile: bool = False) -> list[dict]:
-    """The rows of one model; without a ``bandwidth`` they state no floor."""
+    """The rows of one model; ``bandwidth`` (bytes/s) divides the floor: measured on a GPU
+    when not given, elsewhere the rows state no floor."""
     from ..models import ModelConfig, build_model
     from . import decode_profile as dp
+    from .timing import copy_bandwidth
+
+    if bandwidth is None and DEVICE == "cuda":
+        bandwidth = copy_bandwidth()
 
     decode = DECODE if decode is None else decode
     prefill = PREFILL if prefill is None else prefill
