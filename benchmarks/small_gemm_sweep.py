@@ -22,8 +22,8 @@ Every config's output is checked against the baseline's (another summation order
 chosen.
 
 Writes ``DIR/small_gemm_sweep.json`` (rows, the best config per shape, the table entry).
-``--write-choices PATH`` puts this device's entry into the table at PATH (other devices
-kept): per op and weight shape, the token counts up to which the kernel's best config
+``--write-choices PATH`` puts this device's entry into the table at PATH (other devices,
+and the ops of this device's entry not measured here, kept): per op and weight shape, the token counts up to which the kernel's best config
 beats the baseline by more than 3% at every measured count, and the best configs; copy
 it to src/fxfuse/kernels/small_gemm_choices.json to ship it. Targets (issue 20): >= 85% of
 copy bandwidth at 1 token, >= 80% at 16-64 tokens.
@@ -321,7 +321,9 @@ def main(argv=None) -> int:
     if args.write_choices and entry:
         stamp = (f"{env['date']}, torch {env['torch']}, triton {env['triton']}, "
                  f"`benchmarks/small_gemm_sweep.py --models {args.models} --x-scale {args.x_scale}`")
-        write_choices(args.write_choices, env["device"], entry, stamp)
+        # Merged: the ops of the device's entry this run did not measure (another scheme, the
+        # fused forms of gemm_fusion_sweep.py) stay.
+        write_choices(args.write_choices, env["device"], entry, stamp, merge=True)
         print(f"dispatch table entry of {env['device']} written to {args.write_choices}")
     return 1 if differ else 0
 

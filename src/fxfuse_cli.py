@@ -47,8 +47,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``fxfuse bench`` (also `fxfuse.bench.add_arguments`)."""
-    p.add_argument("--only", help="comma-separated sections: ops,gemm,attention,e2e,tp "
-                                  "(default: all but tp, which needs --tp GPUs)")
+    p.add_argument("--only", help="comma-separated sections: ops,gemm,attention,e2e,decode-profile,tp "
+                                  "(default: ops,gemm,attention,e2e; tp needs --tp GPUs)")
     p.add_argument("--ops", help="comma-separated op names to benchmark (default: all)")
     p.add_argument("--tokens", help="comma-separated token counts for the op, GEMM and tp benchmarks "
                                     "(default: 1,16,256,4096,32768; 1,16,256,4096,16384; 1,16,256,2048,8192)")
@@ -58,6 +58,20 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated model presets of the end-to-end rows (default: %(default)s)")
     p.add_argument("--e2e-quant", default="fp8,fp8-block",
                    help="comma-separated quant schemes of the end-to-end model (default: fp8,fp8-block)")
+    p.add_argument("--e2e-variants", default="unfused,fused",
+                   help="comma-separated compiles of the e2e and decode-profile sections: baseline (before issue 20: "
+                        "no gemm_fusion, no small-batch GEMM), unfused (no passes), fused (default_passes()) "
+                        "(default: %(default)s)")
+    p.add_argument("--e2e-decode", metavar="SEQSxCONTEXT,...",
+                   help="decode shapes of the e2e section (default: 1x1024,32x1024,256x1024; '' for none)")
+    p.add_argument("--e2e-prefill", metavar="SEQSxTOKENS,...",
+                   help="prefill shapes of the e2e section (default: 1x2048,32x256,256x32; '' for none)")
+    p.add_argument("--e2e-profile", action="store_true",
+                   help="also profile each e2e decode step (what the decode-profile section reports)")
+    p.add_argument("--profile-seqs", default="1,32",
+                   help="decode batch sizes the decode-profile section profiles (default: %(default)s)")
+    p.add_argument("--profile-context", type=int, default=1024,
+                   help="context of each sequence in the decode profile (default: %(default)s)")
     p.add_argument("--tp", type=int, default=2, metavar="N",
                    help="GPUs (ranks) of the tp section, one process each (default: %(default)s)")
     p.add_argument("--json", help="write all results to this JSON file")

@@ -156,7 +156,7 @@ def test_e2e_runs_every_preset_and_quant_and_fails_fast_on_a_typo(monkeypatch):
     unknown preset fails before any model is built."""
     built = []
 
-    def fake_run_model(layers, quant, log, preset):
+    def fake_run_model(layers, quant, log, preset, **options):  # options: the floor's bandwidth, variants, ...
         built.append((preset, quant, layers))
         return [dict(model=preset, quant=quant, layers=layers)]
 

@@ -261,3 +261,42 @@ def test_cuda_op_matches_native(m, n, k, group_size):
                     "scaled_mm" if group_size == 128 and compat.blockwise_fp8_scaled_mm_supported(x_q.device)
                     else "triton")
     print(f"block_fp8_linear path: {path}")
+
+
+@pytest.mark.parametrize("m, n, k, group_size", [(70, 200, 256, 128), (130, 136, 384, 64)] if DEVICE == "cpu" else
+                         [(4096, 6144, 4096, 128), (2048, 4096, 14336, 128), (300, 28672, 4096, 128)])
+def test_every_large_launch_matches_native(m, n, k, group_size):
+    """The launches the prefill sweep compares (64- and 128-row tiles, 3 and 4 stages,
+    pointer and tensor-descriptor loads; a weight-block scale per tile or per column)."""
+    pytest.importorskip("triton", reason="Triton is part of the test extras")
+    from fxfuse.kernels.block_linear import LARGE_CANDIDATES, block_fp8_matmul, tma_available
+
+    x_q, x_s, w_q, w_s = _problem((m,), n, k, group_size, True, seed=m, device=DEVICE)
+    ref = block_fp8_linear_native(x_q, x_s, w_q, w_s, None, torch.float32)
+    mag = _magnitude(x_q, x_s, w_q, w_s)
+    for cfg in LARGE_CANDIDATES:
+        if cfg.tma and not tma_available():
+            continue
+        _assert_close_to_native(block_fp8_matmul(x_q, x_s, w_q, w_s, None, torch.float32, cfg), ref, mag)
+
+
+def test_the_large_launch_follows_the_measured_table(tmp_path, monkeypatch):
+    import json
+
+    from fxfuse.kernels import block_linear as BK
+
+    monkeypatch.delenv(BK.CHOICES_ENV, raising=False)
+    assert BK.default_config(4096, "GPU A") == BK.BlockGemmConfig(128, 128, 8, 3)  # nothing measured ships
+    assert BK.default_config(16) == BK.BlockGemmConfig(16, 64, 4, 4)
+    path = tmp_path / "block.json"
+    path.write_text(json.dumps({"devices": {"GPU A": {"large": dict(block_m=64, block_n=128, num_warps=4,
+                                                                    num_stages=4, tma=False)}}}))
+    monkeypatch.setenv(BK.CHOICES_ENV, str(path))
+    assert BK.default_config(4096, "GPU A") == BK.BlockGemmConfig(64, 128, 4, 4)
+    assert BK.default_config(4096, "GPU B") == BK.BlockGemmConfig(128, 128, 8, 3)
+    assert BK.default_config(64, "GPU A") == BK.BlockGemmConfig(64, 128, 4, 4)  # the table is for > 64 tokens
+    path.write_text(json.dumps({"devices": {"GPU C": {"big": {}}}}))
+    BK._choices.cache_clear()
+    with pytest.raises(ValueError, match=r"devices\['GPU C'\] needs 'large'"):
+        BK.default_config(4096, "GPU C")
+    BK._choices.cache_clear()

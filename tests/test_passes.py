@@ -223,11 +223,11 @@ def test_default_passes_order_and_config():
     # attn_quant_fusion (whose attention has no rotation folded in).
     assert [p.name for p in fxfuse.default_passes()] == [
         "noop_elimination", "qk_norm_rope_fusion", "allreduce_rms_fusion", "rms_quant_fusion", "act_quant_fusion",
-        "attn_quant_fusion", "rope_kv_cache_fusion", "native_lowering",
+        "attn_quant_fusion", "rope_kv_cache_fusion", "gemm_fusion", "native_lowering",
     ]
     only = fxfuse.default_passes(fxfuse.FusionConfig(noop_elimination=False, qk_norm_rope=False, allreduce_rms=False,
                                                      act_quant=False, attn_quant=False, rope_kv_cache=False,
-                                                     native_lowering=False))
+                                                     native_lowering=False, gemm_fusion=False))
     assert [p.name for p in only] == ["rms_quant_fusion"]
     with pytest.raises(TypeError, match="FusionConfig"):
         fxfuse.default_passes({"rms_quant": True})

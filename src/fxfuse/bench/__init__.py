@@ -60,11 +60,30 @@ def main(args: argparse.Namespace) -> int:
     if "attention" in sections:
         print("\nattention (32 query heads, 8 KV heads, head size 128, bf16):")
         results["attention"] = attention.run(bw)
+    variants = tuple(args.e2e_variants.split(","))
+    presets = tuple(args.e2e_models.split(","))
     if "e2e" in sections:
-        presets = tuple(args.e2e_models.split(","))
         print(f"\nend to end ({', '.join(presets)} layer shapes, {args.layers} layers; {args.e2e_quant}; "
-              "triton attention, CUDA graphs):")
-        results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")), presets=presets)
+              "triton attention, CUDA graphs; floor = weight + KV bytes read / copy bandwidth):")
+        results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")), presets=presets,
+                                 bandwidth=bw, variants=variants, decode=_shapes(args.e2e_decode, e2e.DECODE),
+                                 prefill=_shapes(args.e2e_prefill, e2e.PREFILL), profile=args.e2e_profile)
+    if "decode-profile" in sections:
+        print("\ndecode profile (one decode step per variant under the torch profiler, no CUDA graphs; per layer: "
+              "kernels / us by family; each GEMM's share of copy bandwidth on its weight bytes):")
+        decode = tuple((int(s), args.profile_context) for s in args.profile_seqs.split(","))
+        rows = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")), presets=presets, bandwidth=bw,
+                       variants=variants, decode=decode, prefill=(), profile=True)
+        results["decode_profile"] = rows
+        for row in rows:
+            prof = row["profile"]
+            if "fused" in prof and "unfused" in prof:
+                from .decode_profile import compare
+
+                c = compare(prof["unfused"], prof["fused"])
+                print(f"  {row['model']} {row['quant']} {row['seqs']} seq: per layer {c['kernels']['before']:.1f} -> "
+                      f"{c['kernels']['after']:.1f} kernels, {c['us']['before']:.1f} -> {c['us']['after']:.1f} us "
+                      "(unfused -> fused)")
     if "tp" in sections:
         print(f"\ntensor parallel over {args.tp} GPUs: fused all-reduce + add + RMSNorm (+ FP8) vs NCCL "
               "all-reduce + fxfuse's fused norm, bf16 partial sums (us):")
@@ -79,6 +98,17 @@ def main(args: argparse.Namespace) -> int:
     if args.png or args.json:
         print(plot(results, args.png or args.json.rsplit(".", 1)[0] + ".png"))
     return 0
+
+
+def _shapes(spec: str | None, default):
+    """``"1x1024,32x1024"`` -> ``((1, 1024), (32, 1024))``; ``""`` -> none; None -> ``default``."""
+    if spec is None:
+        return default
+    try:
+        return tuple(tuple(int(v) for v in item.split("x")) for item in spec.split(",") if item)
+    except ValueError:
+        raise ValueError(f"fxfuse bench: shapes are SEQSxTOKENS, comma-separated (1x1024,32x1024), "
+                         f"got {spec!r}") from None
 
 
 def write_choices(path: str, devices: dict, env: dict) -> None:

@@ -1,14 +1,34 @@
 """End to end: decode steps and prefills of the reference models at real layer shapes
 (Llama-3-8B, Qwen3-8B, Gemma-3-12B; 32 layers by default), compiled with and without
-``default_passes()``, timed as CUDA-graph replays.
+``default_passes()``, timed as CUDA-graph replays, against the weight-read floor.
 
-Both variants run on the triton attention backend and fxfuse's kernels; the only
-difference is the fusion passes (and native lowering), which is what this measures. One
-model per preset and quant scheme (``"fp8"``: static per-tensor FP8; ``"fp8-block"``:
+Variants (each a compile of the same model, on the triton attention backend and
+fxfuse's kernels):
+
+- ``unfused``: ``torch.compile`` without passes (the ops dispatch as they do: the
+  small-batch GEMM at the token counts the device's table names);
+- ``fused``: ``default_passes()`` (``gemm_fusion`` included);
+- ``baseline``: what ran before issue 20: the passes without ``gemm_fusion`` and no
+  small-batch GEMM (``FXFUSE_SMALL_GEMM_MAX_TOKENS=0`` while it runs: cuBLAS everywhere).
+
+**The floor** of a step is the bytes it must read, over the measured copy bandwidth:
+every weight the step multiplies by (FP8 weights and their scales, norm weights, the
+bf16 LM head; of the embedding only the rows of the batch's tokens) plus the KV cache
+attention reads (each sequence's context, K and V, every layer). At decode that is the
+bound a step can approach; at prefill the step is compute-bound and the floor is only
+reported. With ``profile=True`` decode steps are also profiled
+(`fxfuse.bench.decode_profile`): kernels per layer by family, each GEMM's share of copy
+bandwidth.
+
+One model per preset and quant scheme (``"fp8"``: static per-tensor FP8; ``"fp8-block"``:
 block-scaled FP8, groups of 128).
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -17,10 +37,14 @@ import fxfuse
 from ..attention import AttentionMetadata, ForwardContext, KVCache, TritonAttentionBackend, set_forward_context
 from .timing import graph_us
 
-#: Where the models run: the GPU (a test runs the whole path on the CPU, kernels interpreted).
-DEVICE = "cuda"
 DECODE = ((1, 1024), (32, 1024), (256, 1024))  # (sequences, context incl. the new token)
 PREFILL = ((1, 2048), (32, 256), (256, 32))  # (sequences, prompt tokens each)
+#: Every variant `run` knows, in the order they are compiled and timed.
+VARIANTS = ("baseline", "unfused", "fused")
+#: Where the models run: the GPU (a test runs the whole path on the CPU, kernels interpreted).
+DEVICE = "cuda"
+#: The attention backend of the models (a CPU test takes the native one, which is faster there).
+BACKEND = "triton"
 
 
 def block_size() -> int:
@@ -45,10 +69,39 @@ LAYERS = 32
 PRESETS = ("llama3-8b", "qwen3-8b", "gemma3-12b")
 
 
+def weight_read_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Bytes of the model's weights one forward of ``tokens`` tokens reads: every buffer
+    (FP8 weights, scales, norm weights, the LM head), except that of a table looked up by
+    token or position (a 2-D buffer named ``*embed*`` or ``*cos_sin*``) only the
+    ``tokens`` rows looked up.
+
+    >>> weight_read_bytes(build_model(ModelConfig.preset("tiny")), 1)  # doctest: +SKIP
+    """
+    total = 0
+    for name, buf in model.named_buffers():
+        nbytes = buf.numel() * buf.element_size()
+        leaf = name.rsplit(".", 1)[-1]
+        if ("embed" in leaf or "cos_sin" in leaf) and buf.dim() == 2:
+            nbytes = min(tokens, buf.shape[0]) * buf.shape[1] * buf.element_size()
+        total += nbytes
+    return total
+
+
+def kv_read_bytes(cfg: Any, seqs: int, context: int) -> int:
+    """Bytes of KV cache the attention of every layer reads: each sequence's ``context``
+    keys and values over the KV heads (the cache is in the model dtype)."""
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    return cfg.num_layers * seqs * context * 2 * cfg.num_kv_heads * cfg.head_dim * elem
+
+
 def run(layers: int = LAYERS, quants: tuple[str, ...] = ("fp8", "fp8-block"), log=print,
-        presets: tuple[str, ...] = PRESETS) -> list[dict]:
+        presets: tuple[str, ...] = PRESETS, bandwidth: Optional[float] = None,
+        variants: Sequence[str] = ("unfused", "fused"), decode: Optional[Sequence[tuple[int, int]]] = None,
+        prefill: Optional[Sequence[tuple[int, int]]] = None, profile: bool = False) -> list[dict]:
     """Decode and prefill rows (``model`` and ``layers`` recorded in each) of one model per
-    preset and quant scheme.
+    preset and quant scheme; ``bandwidth`` (bytes/s; measured per model if None) divides the floor;
+    ``variants`` of `VARIANTS`; ``decode``/``prefill`` the shapes (default `DECODE`,
+    `PREFILL`); ``profile``: profile each decode step per variant (`fxfuse.bench.decode_profile`).
 
     Example:
         >>> rows = run(layers=4, quants=("fp8",), presets=("qwen3-8b",))  # doctest: +SKIP (CUDA)
@@ -57,30 +110,79 @@ def run(layers: int = LAYERS, quants: tuple[str, ...] = ("fp8", "fp8-block"), lo
     """
     from ..models import ModelConfig
 
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"e2e: unknown variants {unknown}; known: {list(VARIANTS)}")
     for preset in presets:  # a typo fails before any model is built
         ModelConfig.preset(preset)
+    # Only what differs from _run_model's defaults is passed on (its plain form stays callable).
+    extra = {k: v for k, v in dict(bandwidth=bandwidth, decode=decode, prefill=prefill).items() if v is not None}
+    if tuple(variants) != ("unfused", "fused"):
+        extra["variants"] = tuple(variants)
+    if profile:
+        extra["profile"] = True
     rows = []
     for preset in presets:
         for quant in quants:
-            rows += _run_model(layers, quant, log, preset)
+            rows += _run_model(layers, quant, log, preset, **extra)
             torch._dynamo.reset()
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
-def _run_model(layers: int, quant: str, log, preset: str = "llama3-8b") -> list[dict]:
-    from ..models import ModelConfig, build_model
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Environment variables set for the duration (the ops read theirs at every call)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
+
+def _compiled(model: torch.nn.Module, variant: str):
+    if variant == "unfused":
+        return torch.compile(model, fullgraph=True)
+    if variant == "fused":
+        return fxfuse.compile(model, passes=fxfuse.PassManager(fxfuse.default_passes()), fullgraph=True)
+    passes = fxfuse.default_passes(fxfuse.FusionConfig(gemm_fusion=False))
+    return fxfuse.compile(model, passes=fxfuse.PassManager(passes), fullgraph=True)
+
+
+def _variant_env(variant: str):
+    from ..kernels.small_gemm_config import MAX_TOKENS_ENV
+
+    return _environment(**{MAX_TOKENS_ENV: "0"}) if variant == "baseline" else contextlib.nullcontext()
+
+
+def _run_model(layers: int, quant: str, log, preset: str = "llama3-8b", *, bandwidth: Optional[float] = None,
+               variants: Sequence[str] = ("unfused", "fused"), decode=None, prefill=None,
+               profile: bool = False) -> list[dict]:
+    """The rows of one model; ``bandwidth`` (bytes/s) divides the floor: measured on a GPU
+    when not given, elsewhere the rows state no floor."""
+    from ..models import ModelConfig, build_model
+    from . import decode_profile as dp
+    from .timing import copy_bandwidth
+
+    if bandwidth is None and DEVICE == "cuda":
+        bandwidth = copy_bandwidth()
+
+    decode = DECODE if decode is None else decode
+    prefill = PREFILL if prefill is None else prefill
     cfg = ModelConfig.preset(preset, quant=quant, num_layers=layers)
     torch.manual_seed(0)
-    model = build_model(cfg, device=DEVICE, attention_backend="triton")
-    variants = {
-        "unfused": torch.compile(model, fullgraph=True),
-        "fused": fxfuse.compile(model, passes=fxfuse.PassManager(fxfuse.default_passes()), fullgraph=True),
-    }
+    model = build_model(cfg, device=DEVICE, attention_backend=BACKEND)
+    compiled = {name: _compiled(model, name) for name in VARIANTS if name in variants}
+    weights = dp.model_weights(model) if profile else {}
     rows = []
     block = block_size()
-    for phase, shapes in (("decode", [(b, 1, c) for b, c in DECODE]), ("prefill", [(b, n, n) for b, n in PREFILL])):
+    for phase, shapes in (("decode", [(b, 1, c) for b, c in decode]), ("prefill", [(b, n, n) for b, n in prefill])):
         for seqs, new, total in shapes:
             meta, ids, positions, n_blocks = _batch(cfg, seqs, new, total, block)
             caches = {name: KVCache.allocate(n_blocks, block, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, DEVICE)
@@ -91,17 +193,36 @@ def _run_model(layers: int, quant: str, log, preset: str = "llama3-8b") -> list[
             if ids.shape[0] > 1:
                 torch._dynamo.mark_dynamic(ids, 0)
                 torch._dynamo.mark_dynamic(positions, 0)
-            times = {}
+            times, profiles = {}, {}
             with set_forward_context(ForwardContext(meta, caches)):
-                for name, fwd in variants.items():
-                    fwd(ids, positions)  # compile (once per variant and T == 1 / T > 1) and validate metadata
-                    times[name] = graph_us(lambda: fwd(ids, positions), warmup=2)
+                for name, fwd in compiled.items():
+                    with _variant_env(name):
+                        fwd(ids, positions)  # compile (once per variant and T == 1 / T > 1) and validate metadata
+                        times[name] = graph_us(lambda: fwd(ids, positions), warmup=2)
+                        if profile and phase == "decode":
+                            profiles[name] = dp.analyze(dp.profile(lambda: fwd(ids, positions)),
+                                                        dp.down_shape(weights), weights, bandwidth)
+            weight_bytes = weight_read_bytes(model, seqs * new)
+            kv_bytes = kv_read_bytes(cfg, seqs, total)
+            floor_us = (weight_bytes + kv_bytes) / bandwidth * 1e6 if bandwidth else None
             row = dict(model=preset, quant=quant, phase=phase, seqs=seqs, new_tokens=new, context=total, layers=layers,
-                       kv_block=block, unfused_us=times["unfused"], fused_us=times["fused"],
-                       speedup=times["unfused"] / times["fused"])
+                       kv_block=block, weight_bytes=weight_bytes, kv_bytes=kv_bytes, floor_us=floor_us,
+                       **{f"{name}_us": us for name, us in times.items()})
+            if floor_us:
+                row["pct_floor"] = {name: 100 * floor_us / us for name, us in times.items()}
+            if "unfused" in times and "fused" in times:
+                row["speedup"] = times["unfused"] / times["fused"]
+            if profiles:
+                row["profile"] = profiles
             rows.append(row)
+            pct = lambda us: f" ({100 * floor_us / us:5.1f}% of floor)" if floor_us else ""  # noqa: E731
             log(f"  {preset:10s} {quant:9s} {phase:7s} {seqs:3d} seq x {new:4d} new (ctx {total:4d}): "
-                f"unfused {times['unfused']:9.1f} us  fused {times['fused']:9.1f} us  -> {100 * (row['speedup'] - 1):+.1f}%")
+                + "  ".join(f"{name} {us:9.1f} us{pct(us)}" for name, us in times.items())
+                + (f"  floor {floor_us:8.1f} us" if floor_us else "")
+                + (f"  -> fused {100 * (row['speedup'] - 1):+.1f}%" if "speedup" in row else ""))
+            for name, p in profiles.items():
+                for line in dp.format_profile(f"{name} profile (graph replay {times[name]:.1f} us)", p):
+                    log(line)
             del caches
     model.close()
     return rows

@@ -33,7 +33,7 @@ def figure(results: dict):
 
     rows = _op_rows(results)
     ops = list(dict.fromkeys(r["op"] for r in rows))  # first-seen order
-    e2e = results.get("e2e") or []
+    e2e = [r for r in results.get("e2e") or [] if "speedup" in r]  # rows of both variants
     panels = len(ops) + (1 if e2e else 0)
     if not panels:
         return None

@@ -48,21 +48,10 @@ def _row_sums(v, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_rows(
-    x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr,
-    GEMMA: tl.constexpr = False,
-):
-    """(Fused-add) RMSNorm of the rows ``rows`` (``[ROWS]`` int64) in the model dtype;
-    returns ``(y, offs, mask)`` of one tile.
-
-    The tile is ``[ROWS, BLOCK]`` when ``GROUP == 0``, else ``[ROWS, BLOCK // GROUP, GROUP]``
-    (each row as its quant groups, so a group's max is a plain reduction over axis 2).
-    Rows from ``n_rows`` on and columns from ``n_cols`` on are masked and hold 0. Every
-    norm kernel (this module's, the group-quant and all-reduce ones) calls this, so fused
-    and unfused forms round identically. Writes the residual sum when ``HAS_RESIDUAL``.
-    ``GEMMA`` selects Gemma's weighting (see below); the weight may then be fp32.
-    """
+def norm_tile_offsets(rows, n_rows, n_cols, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """Offsets of the rows ``rows`` (``[ROWS]`` int64) of a ``[n_rows, n_cols]`` tensor as
+    one tile, ``[ROWS, BLOCK]`` when ``GROUP == 0`` else ``[ROWS, BLOCK // GROUP, GROUP]``;
+    returns ``(offs, mask, cols, col_mask)`` (``cols`` broadcastable against ``offs``)."""
     if GROUP == 0:
         row_cols = tl.arange(0, BLOCK)
         r = rows[:, None]
@@ -73,7 +62,18 @@ def rms_norm_rows(
     col_mask = cols < n_cols
     mask = (r < n_rows) & col_mask
     offs = r * n_cols + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    return offs, mask, cols, col_mask
+
+
+@triton.jit
+def rms_norm_tile(
+    x, res_ptr, w_ptr, res_out_ptr, offs, mask, cols, col_mask, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr, GEMMA: tl.constexpr = False,
+):
+    """(Fused-add) RMSNorm of a tile ``x`` already in registers, in the model dtype (its
+    dtype), laid out by `norm_tile_offsets` (masked elements 0): the arithmetic of
+    `rms_norm_rows`, for kernels whose rows come from somewhere else than a load (the
+    small GEMM's row epilogue). Writes the residual sum when ``HAS_RESIDUAL``."""
     dtype = x.dtype
     # Model-dtype arithmetic is done in fp32 and rounded once: the same value as a
     # bf16/fp16 add or multiply (fp32 holds their products exactly, and a sum rounded
@@ -96,6 +96,30 @@ def rms_norm_rows(
         y = round_to((xf * rstd) * (1.0 + w), dtype, EXACT_CASTS)
     else:
         y = round_to(round_to(xf * rstd, dtype, EXACT_CASTS).to(tl.float32) * w, dtype, EXACT_CASTS)  # weight on the rounded norm
+    return y
+
+
+@triton.jit
+def rms_norm_rows(
+    x_ptr, res_ptr, w_ptr, res_out_ptr, rows, n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, EXACT_CASTS: tl.constexpr,
+    GEMMA: tl.constexpr = False,
+):
+    """(Fused-add) RMSNorm of the rows ``rows`` (``[ROWS]`` int64) in the model dtype;
+    returns ``(y, offs, mask)`` of one tile.
+
+    The tile is ``[ROWS, BLOCK]`` when ``GROUP == 0``, else ``[ROWS, BLOCK // GROUP, GROUP]``
+    (each row as its quant groups, so a group's max is a plain reduction over axis 2).
+    Rows from ``n_rows`` on and columns from ``n_cols`` on are masked and hold 0. Every
+    norm kernel (this module's, the group-quant, all-reduce and small-GEMM ones) runs
+    `rms_norm_tile`, so fused and unfused forms round identically. Writes the residual
+    sum when ``HAS_RESIDUAL``. ``GEMMA`` selects Gemma's weighting (see below); the
+    weight may then be fp32.
+    """
+    offs, mask, cols, col_mask = norm_tile_offsets(rows, n_rows, n_cols, BLOCK, GROUP)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    y = rms_norm_tile(x, res_ptr, w_ptr, res_out_ptr, offs, mask, cols, col_mask, n_cols, eps,
+                      HAS_RESIDUAL, GROUP, EXACT_CASTS, GEMMA)
     return y, offs, mask
 
 

@@ -23,7 +23,7 @@ import functools
 import json
 import os
 import pathlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 #: The table shipped with fxfuse.
 CHOICES_PATH = pathlib.Path(__file__).with_name("small_gemm_choices.json")
@@ -35,8 +35,63 @@ CHOICES_ENV = "FXFUSE_SMALL_GEMM_CHOICES"
 MAX_TOKENS_ENV = "FXFUSE_SMALL_GEMM_MAX_TOKENS"
 #: The largest token count the kernel is built for: a 64-row tile is its biggest.
 MAX_TOKENS = 64
+#: Up to this many tokens the default config of a norm epilogue runs it in the GEMM's
+#: last program (``row_tail``); measured configs decide above.
+ROW_TAIL_TOKENS = 2
 #: The ops that can dispatch to the kernel (keys of a device's table entry).
 OPS = ("fp8_linear", "block_fp8_linear")
+#: Activation quants a fused form folds into the GEMM's prologue, per GEMM op.
+PROLOGUES = {"fp8_linear": ("static_scaled_fp8_quant", "dynamic_per_token_fp8_quant"),
+             "block_fp8_linear": ("group_fp8_quant",)}
+#: Consumers a fused form folds into the GEMM's epilogue, per GEMM op.
+EPILOGUES = {
+    "fp8_linear": ("silu_and_mul", "silu_and_mul_static_fp8_quant", "fused_add_rms_norm",
+                   "fused_add_rms_norm_static_fp8_quant"),
+    "block_fp8_linear": ("silu_and_mul", "silu_and_mul_group_fp8_quant", "fused_add_rms_norm",
+                         "fused_add_rms_norm_group_fp8_quant"),
+}
+
+
+def fused_key(prologue: str, op: str, epilogue: str) -> str:
+    """How a table names a fused form of ``op``: the chain it replaces, ``>``-joined
+    (``prologue`` and ``epilogue`` are op names, or ``""`` for none; not both ``""``).
+
+    >>> fused_key("", "fp8_linear", "silu_and_mul_static_fp8_quant")
+    'fp8_linear>silu_and_mul_static_fp8_quant'
+    >>> fused_key("group_fp8_quant", "block_fp8_linear", "")
+    'group_fp8_quant>block_fp8_linear'
+    """
+    if op not in OPS:
+        raise ValueError(f"fused_key: unknown GEMM op {op!r}; known: {list(OPS)}")
+    if prologue and prologue not in PROLOGUES[op]:
+        raise ValueError(f"fused_key: {op} has no prologue {prologue!r}; known: {list(PROLOGUES[op])}")
+    if epilogue and epilogue not in EPILOGUES[op]:
+        raise ValueError(f"fused_key: {op} has no epilogue {epilogue!r}; known: {list(EPILOGUES[op])}")
+    if not prologue and not epilogue:
+        raise ValueError(f"fused_key: a fused form of {op} needs a prologue or an epilogue")
+    return ">".join(part for part in (prologue, op, epilogue) if part)
+
+
+def is_table_op(name: str) -> bool:
+    """Whether a table may hold ``name``: one of `OPS` or a `fused_key`.
+
+    >>> is_table_op("fp8_linear>fused_add_rms_norm"), is_table_op("fp8_linear>relu")
+    (True, False)
+    """
+    if name in OPS:
+        return True
+    parts = name.split(">")
+    for op in OPS:
+        if op in parts:
+            i = parts.index(op)
+            pro, epi = parts[:i], parts[i + 1:]
+            if len(pro) > 1 or len(epi) > 1:
+                return False
+            try:
+                return fused_key(pro[0] if pro else "", op, epi[0] if epi else "") == name
+            except ValueError:
+                return False
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +106,10 @@ class SmallGemmConfig:
       range; their fp32 partial tiles are added in a fixed order by a second kernel;
     - ``num_warps``, ``num_stages``: Triton's;
     - ``swap_ab``: compute ``w_tile @ x_tile.T`` so the weight tile is the MMA's M side
-      (Hopper's wgmma needs 64 rows there, which 1-64 tokens cannot give).
+      (Hopper's wgmma needs 64 rows there, which 1-64 tokens cannot give);
+    - ``row_tail``: for the residual + RMSNorm epilogue of a fused form, the last GEMM
+      program to finish runs it over every token row (an atomic ticket), instead of a
+      second kernel: one launch less, one program's serial work more (a few rows pay).
 
     Example:
         >>> SmallGemmConfig(64, 256, 4, 4, 4).as_dict()["split_k"]
@@ -64,9 +122,13 @@ class SmallGemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     swap_ab: bool = False
+    row_tail: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.row_tail:  # tables written before the field existed stay what they were
+            del d["row_tail"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SmallGemmConfig":
@@ -83,7 +145,7 @@ class SmallGemmConfig:
 
     def label(self) -> str:
         return (f"n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
-                + (" swap" if self.swap_ab else ""))
+                + (" swap" if self.swap_ab else "") + (" tail" if self.row_tail else ""))
 
 
 def block_m_for(m: int) -> int:
@@ -146,6 +208,33 @@ def default_config(m: int, n: int, k: int, group_k: Optional[int] = None, sms: i
     return SmallGemmConfig(block_n, block_k, split_k_for(m, n, k, block_n, block_k, sms), 4, 4, swap_ab=True)
 
 
+def default_fused_config(kind: str, m: int, n: int, k: int, group_k: Optional[int] = None,
+                         out_group: Optional[int] = None, sms: int = 132) -> SmallGemmConfig:
+    """`default_config` for a fused form: ``kind`` is ``"silu"`` (a gate/up weight of ``n``
+    rows whose programs stream a gate tile and its up tile: K steps of 128 so four stages
+    of both stay under 100 KiB, weight tiles at least one output quant group wide, the
+    split counted over all ``n`` rows since that is the weight in flight; 8 warps where
+    the two fp32 accumulators would hold more than 64 values a thread, which spilled at
+    64 tokens x 128-row tiles in the sm_90 compile) or ``"rows"`` (the residual + norm
+    epilogue: `default_config`, with the last program running the epilogue at most
+    `ROW_TAIL_TOKENS` tokens: a row costs that program a few L2 round trips, about what a
+    second launch costs at one or two rows).
+
+    Example:
+        >>> default_fused_config("silu", 1, 28672, 4096)
+        SmallGemmConfig(block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=4, swap_ab=True)
+    """
+    if kind == "rows":
+        # One program normalizes every row at the end: worth a launch at a token or two.
+        return dataclasses.replace(default_config(m, n, k, group_k, sms), row_tail=m <= ROW_TAIL_TOKENS)
+    if kind != "silu":
+        raise ValueError(f"default_fused_config: kind must be 'silu' or 'rows', got {kind!r}")
+    block_n = max(64, out_group or 0)
+    block_k = max(128, group_k or 0)
+    warps = 8 if 2 * block_n * block_m_for(m) > 64 * 128 else 4
+    return SmallGemmConfig(block_n, block_k, split_k_for(m, n, k, block_n, block_k, sms), warps, 4, swap_ab=True)
+
+
 def shared_memory_bytes(m: int, config: SmallGemmConfig) -> int:
     """Shared memory a config's pipeline takes (one buffer of the weight and token tiles
     per stage, as Triton allocates them for Hopper's wgmma); what a multiprocessor has
@@ -201,8 +290,9 @@ def check_choices(table: Any, where: str = "small-GEMM choices") -> None:
         if not isinstance(ops, dict):
             raise ValueError(f"{where}: devices[{dev!r}] must map op names to entries")
         for op, entry in ops.items():
-            if op not in OPS:
-                raise ValueError(f"{where}: devices[{dev!r}] names unknown op {op!r}; known: {list(OPS)}")
+            if not is_table_op(op):
+                raise ValueError(f"{where}: devices[{dev!r}] names unknown op {op!r}; known: {list(OPS)} "
+                                 "and their fused forms (fused_key)")
             if not isinstance(entry, dict) or not isinstance(entry.get("max_tokens"), int):
                 raise ValueError(f"{where}: devices[{dev!r}][{op!r}] needs an int 'max_tokens'")
             for key, v in entry.get("by_shape", {}).items():
@@ -219,7 +309,7 @@ def check_choices(table: Any, where: str = "small-GEMM choices") -> None:
 
 def choose(
     table: dict[str, Any], device: str, op: str, m: int, n: int, k: int, group_k: Optional[int] = None,
-    sms: int = 132,
+    sms: int = 132, default: Optional[Callable[[], SmallGemmConfig]] = None,
 ) -> Optional[SmallGemmConfig]:
     """The kernel's config for ``m`` tokens through an ``n x k`` weight on ``device``
     (a table device name), or None where the table keeps the op's other path.
@@ -228,7 +318,8 @@ def choose(
     ``max_tokens`` (never above `MAX_TOKENS`); ``$FXFUSE_SMALL_GEMM_MAX_TOKENS`` replaces
     both. The config is the one measured for this weight at the smallest measured token
     count at or above ``m`` (the same row tile), else `default_config` (``group_k``: the
-    activation group size of ``block_fp8_linear``; ``sms``: the device's multiprocessors).
+    activation group size of ``block_fp8_linear``; ``sms``: the device's multiprocessors;
+    ``default``: what makes the config where none was measured, for a fused form).
 
     >>> t = {"devices": {"GPU": {"fp8_linear": {"max_tokens": 16}}}}
     >>> choose(t, "GPU", "fp8_linear", 4, 4096, 4096).block_n, choose(t, "GPU", "fp8_linear", 17, 4096, 4096)
@@ -255,7 +346,28 @@ def choose(
         config = SmallGemmConfig.from_dict(per_m[str(at_or_above[0])])
         if group_k is None or config.block_k % group_k == 0:  # measured at another group size
             return config
-    return default_config(m, n, k, group_k, sms)
+    return default() if default is not None else default_config(m, n, k, group_k, sms)
+
+
+def token_limit(table: dict[str, Any], device: str, op: str, n: int, k: int) -> int:
+    """The largest token count at which ``op`` (a `fused_key` too) runs the small-batch
+    kernel on ``device`` for an ``n x k`` weight: 0 where the table has no entry. What
+    `choose` compares the token count with (``$FXFUSE_SMALL_GEMM_MAX_TOKENS`` included).
+
+    >>> token_limit({"devices": {"GPU": {"fp8_linear>silu_and_mul": {"max_tokens": 8}}}}, "GPU",
+    ...             "fp8_linear>silu_and_mul", 28672, 4096)
+    8
+    """
+    env = os.environ.get(MAX_TOKENS_ENV, "").strip()
+    if env:
+        try:
+            return min(int(env), MAX_TOKENS)
+        except ValueError:
+            raise ValueError(f"${MAX_TOKENS_ENV} must be an integer token count, got {env!r}") from None
+    entry = table["devices"].get(device, {}).get(op)
+    if entry is None:
+        return 0
+    return min(entry.get("by_shape", {}).get(shape_key(n, k), entry["max_tokens"]), MAX_TOKENS)
 
 
 # --------------------------------------------------------------------------- writing a table
@@ -296,10 +408,13 @@ def choices_from_rows(rows: list[dict[str, Any]], margin: float = 0.03) -> dict[
     return out
 
 
-def write_choices(path: str | os.PathLike, device: str, entry: dict[str, Any], stamp: str) -> dict[str, Any]:
+def write_choices(path: str | os.PathLike, device: str, entry: dict[str, Any], stamp: str,
+                  merge: bool = False) -> dict[str, Any]:
     """Put ``device``'s ``entry`` (``{op: {...}}``, `choices_from_rows`) into the table at
     ``path``, keeping the other devices of a table already there; ``stamp`` (date,
-    versions, command) goes under ``measured``. Returns the table written.
+    versions, command) goes under ``measured``. ``merge``: keep the ops of ``device``'s
+    entry that ``entry`` does not name (the fused forms measured after the plain ops),
+    and add ``stamp`` to its stamp. Returns the table written.
 
     Example:
         >>> write_choices("small_gemm_choices.json", "NVIDIA H200", entry, "2026-12-10, torch 2.11")  # doctest: +SKIP
@@ -310,6 +425,9 @@ def write_choices(path: str | os.PathLike, device: str, entry: dict[str, Any], s
         table = json.loads(p.read_text())
         check_choices(table, str(p))
         table.setdefault("measured", {})
+    if merge and device in table["devices"]:
+        entry = {**table["devices"][device], **entry}
+        stamp = "; ".join(x for x in (table["measured"].get(device), stamp) if x)
     table["devices"][device] = entry
     table["measured"][device] = stamp
     check_choices(table, str(p))

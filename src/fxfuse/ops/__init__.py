@@ -14,6 +14,9 @@ submodules):
 - :mod:`.group_quant`: per-token-group FP8 (block-scaled activations), alone and fused
   with ``rms_norm``, ``fused_add_rms_norm`` and ``silu_and_mul``
 - :mod:`.block_linear`: ``block_fp8_linear`` (128x128 block-scaled FP8 weights)
+- :mod:`.fused_linear`: ``fp8_linear_fused``, ``block_fp8_linear_fused``: the FP8 linears with
+  the activation quant before them and SiLU-and-mul or the residual add + RMSNorm (+ quant)
+  after them, one small-batch GEMM at decode
 - :mod:`.allreduce`: all-reduce (tensor parallelism) fused with ``fused_add_rms_norm`` and
   each quant after it
 - :mod:`.gemma_norm`: Gemma's RMSNorm (``(1 + w)``, fp32 weights), its residual-add form and
@@ -35,8 +38,9 @@ from . import attention  # noqa: E402  (registers the paged attention op)
 from . import block_linear, group_quant  # noqa: E402  (registers the block-scaled FP8 ops)
 from . import allreduce  # noqa: E402  (registers the all-reduce fusions)
 from . import gemma_norm, rotary  # noqa: E402  (registers the Gemma norm and rotary ops)
+from . import fused_linear  # noqa: E402  (registers the GEMM-fused linears)
 
 __all__ = [
-    "FP8_DTYPE", "FP8_MAX", "activation", "allreduce", "block_linear", "fused", "gemma_norm", "group_quant", "linear",
+    "FP8_DTYPE", "FP8_MAX", "activation", "allreduce", "block_linear", "fused", "fused_linear", "gemma_norm", "group_quant", "linear",
     "norm", "quant", "rotary",
 ]

@@ -147,17 +147,7 @@ def validate_block_fp8_linear(
     V.check_contiguous(op, "x_q", x_q)
     k = x_q.shape[-1]
 
-    V.check_fp8(op, "w_q", w_q)
-    if w_q.dim() != 2:
-        raise ValueError(f"fxfuse.{op}: `w_q` must be 2-D [out, in], got shape {tuple(w_q.shape)}")
-    V.check_contiguous(op, "w_q", w_q)
-    V.check_same_device(op, "w_q", w_q, "x_q", x_q)
-    if w_q.shape[1] != k:
-        raise ValueError(
-            f"fxfuse.{op}: inner dims disagree: `x_q` has shape {tuple(x_q.shape)} and `w_q` "
-            f"has shape {tuple(w_q.shape)}; w_q.shape[1] must equal x_q.shape[-1]"
-        )
-    n = w_q.shape[0]
+    validate_block_fp8_weight(x_q, w_q, w_scales, bias, out_dtype, op, x_name="x_q")
 
     V.check_tensor(op, "x_scales", x_scales)
     if x_scales.dtype != torch.float32:
@@ -176,6 +166,32 @@ def validate_block_fp8_linear(
         )
     V.check_same_device(op, "x_scales", x_scales, "x_q", x_q)
 
+
+def validate_block_fp8_weight(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+    op: str = OP,
+    x_name: str = "x",
+) -> None:
+    """The weight side of ``block_fp8_linear``'s checks (``w_q``, ``w_scales``, ``bias``,
+    ``out_dtype``, and ``w_q``'s inner dim against the last dim of ``x``, whatever its
+    dtype), for ops that take the activation in another form; ``op`` names the op."""
+    k = x.shape[-1]
+    V.check_fp8(op, "w_q", w_q)
+    if w_q.dim() != 2:
+        raise ValueError(f"fxfuse.{op}: `w_q` must be 2-D [out, in], got shape {tuple(w_q.shape)}")
+    V.check_contiguous(op, "w_q", w_q)
+    V.check_same_device(op, "w_q", w_q, x_name, x)
+    if w_q.shape[1] != k:
+        raise ValueError(
+            f"fxfuse.{op}: inner dims disagree: `{x_name}` has shape {tuple(x.shape)} and `w_q` "
+            f"has shape {tuple(w_q.shape)}; w_q.shape[1] must equal {x_name}.shape[-1]"
+        )
+    n = w_q.shape[0]
+
     V.check_tensor(op, "w_scales", w_scales)
     if w_scales.dtype != torch.float32:
         raise ValueError(f"fxfuse.{op}: `w_scales` must have dtype torch.float32, got {w_scales.dtype}")
@@ -189,7 +205,7 @@ def validate_block_fp8_linear(
         raise ValueError(
             f"fxfuse.{op}: `w_scales` must be row-major (rows may be padded), got strides {tuple(w_scales.stride())}"
         )
-    V.check_same_device(op, "w_scales", w_scales, "x_q", x_q)
+    V.check_same_device(op, "w_scales", w_scales, x_name, x)
     V.check_scale_value(op, "w_scales", w_scales)  # static, like fp8_linear's: every block's
 
     V.check_out_dtype(op, "out_dtype", out_dtype)
@@ -200,7 +216,7 @@ def validate_block_fp8_linear(
         if bias.dim() != 1 or bias.shape[0] != n:
             raise ValueError(f"fxfuse.{op}: `bias` must have shape [{n}] (w_q.shape[0]), got {tuple(bias.shape)}")
         V.check_contiguous(op, "bias", bias)
-        V.check_same_device(op, "bias", bias, "x_q", x_q)
+        V.check_same_device(op, "bias", bias, x_name, x)
 
 
 def block_fp8_linear_out_shape(x_q: torch.Tensor, w_q: torch.Tensor) -> tuple:

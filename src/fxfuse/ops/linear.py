@@ -66,17 +66,7 @@ def validate_fp8_linear(
     V.check_fp8(op, "x_q", x_q)
     V.check_min_dim(op, "x_q", x_q, 1)
     V.check_contiguous(op, "x_q", x_q)
-
-    V.check_fp8(op, "w_q", w_q)
-    if w_q.dim() != 2:
-        raise ValueError(f"fxfuse.{op}: `w_q` must be 2-D [out, in], got shape {tuple(w_q.shape)}")
-    V.check_contiguous(op, "w_q", w_q)
-    V.check_same_device(op, "w_q", w_q, "x_q", x_q)
-    if w_q.shape[1] != x_q.shape[-1]:
-        raise ValueError(
-            f"fxfuse.{op}: inner dims disagree: `x_q` has shape {tuple(x_q.shape)} and `w_q` "
-            f"has shape {tuple(w_q.shape)}; w_q.shape[1] must equal x_q.shape[-1]"
-        )
+    validate_fp8_weight(x_q, w_q, w_scale, bias, out_dtype, op, x_name="x_q")
 
     V.check_tensor(op, "x_scale", x_scale)
     if x_scale.dtype != torch.float32:
@@ -88,8 +78,6 @@ def validate_fp8_linear(
             f"{list(per_token_shape)} (per-token), got {tuple(x_scale.shape)}"
         )
     V.check_same_device(op, "x_scale", x_scale, "x_q", x_q)
-
-    V.check_scalar_scale(op, "w_scale", w_scale, "x_q", x_q)
     # The per-tensor scales are static multipliers the caller supplies: 0, a negative,
     # NaN or inf would zero, negate or poison the whole output without a word. A
     # per-token `x_scale` is not checked: the dynamic quant derives it from the
@@ -98,6 +86,31 @@ def validate_fp8_linear(
     # reduction over the tokens per call.
     if _is_per_tensor(x_scale):
         V.check_scale_value(op, "x_scale", x_scale)
+
+
+def validate_fp8_weight(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+    op: str = OP,
+    x_name: str = "x",
+) -> None:
+    """The weight side of ``fp8_linear``'s checks (``w_q``, ``w_scale``, ``bias``,
+    ``out_dtype``, and ``w_q``'s inner dim against the last dim of ``x``, whatever its
+    dtype), for ops that take the activation in another form; ``op`` names the op."""
+    V.check_fp8(op, "w_q", w_q)
+    if w_q.dim() != 2:
+        raise ValueError(f"fxfuse.{op}: `w_q` must be 2-D [out, in], got shape {tuple(w_q.shape)}")
+    V.check_contiguous(op, "w_q", w_q)
+    V.check_same_device(op, "w_q", w_q, x_name, x)
+    if w_q.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"fxfuse.{op}: inner dims disagree: `{x_name}` has shape {tuple(x.shape)} and `w_q` "
+            f"has shape {tuple(w_q.shape)}; w_q.shape[1] must equal {x_name}.shape[-1]"
+        )
+    V.check_scalar_scale(op, "w_scale", w_scale, x_name, x)
     V.check_scale_value(op, "w_scale", w_scale)
     V.check_out_dtype(op, "out_dtype", out_dtype)
 
@@ -112,7 +125,7 @@ def validate_fp8_linear(
                 f"fxfuse.{op}: `bias` must have shape [{w_q.shape[0]}] (w_q.shape[0]), got {tuple(bias.shape)}"
             )
         V.check_contiguous(op, "bias", bias)
-        V.check_same_device(op, "bias", bias, "x_q", x_q)
+        V.check_same_device(op, "bias", bias, x_name, x)
 
 
 def fp8_linear_out_shape(x_q: torch.Tensor, w_q: torch.Tensor) -> tuple:
@@ -128,9 +141,12 @@ def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def small_gemm_config(op: str, x_q: torch.Tensor, w_q: torch.Tensor, group_k: Optional[int] = None):
-    """The launch config of the small-batch FP8 GEMM where ``op`` (``"fp8_linear"`` or
-    ``"block_fp8_linear"``) should run it for these (valid) arguments, else None.
+def small_gemm_config(op: str, x_q: torch.Tensor, w_q: torch.Tensor, group_k: Optional[int] = None,
+                      default=None):
+    """The launch config of the small-batch FP8 GEMM where ``op`` (``"fp8_linear"``,
+    ``"block_fp8_linear"`` or a fused form's `fused_key`) should run it for these (valid)
+    arguments, else None. ``default`` makes the config where the table measured none
+    (`small_gemm_config.choose`).
 
     It runs on CUDA with kernels on (`fxfuse.ops._dispatch.use_kernels`), FP8 tensor cores
     (sm89+), ``K`` a multiple of 16 (aligned weight rows), and at most the token count the
@@ -151,7 +167,7 @@ def small_gemm_config(op: str, x_q: torch.Tensor, w_q: torch.Tensor, group_k: Op
     if not 1 <= m <= MAX_TOKENS or k % 16 or n == 0:
         return None
     index = x_q.device.index if x_q.device.index is not None else torch.cuda.current_device()
-    return choose(load_choices(), _cuda_device_name(index), op, m, n, k, group_k, num_sms(x_q.device))
+    return choose(load_choices(), _cuda_device_name(index), op, m, n, k, group_k, num_sms(x_q.device), default)
 
 
 # --------------------------------------------------------------------------- torch._scaled_mm path
