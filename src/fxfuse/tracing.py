@@ -445,9 +445,12 @@ class TracedRewrite:
 
         A trace compares sizes at their example values: square examples (4, 4) make
         ``x.reshape(x.shape[1], x.shape[0])`` look like a no-op, and the trace assumes the two
-        sizes equal. Each equality of two sizes the trace assumed is tried again with one
-        of them doubled; where the code runs and no longer assumes it, it was only the
-        examples' (a norm's weight width equal to the activation's is the code's own)."""
+        sizes equal. Each equality of two sizes of one argument the trace assumed is tried
+        again with one of them doubled; where the code runs and no longer assumes it, it was
+        only the example's. (Sizes of two arguments that are equal are nearly always so
+        because the code needs them to be, a norm's weight width and its input's: trying
+        them apart would cost a trace each and find nothing; give such examples different
+        sizes where the code does not need them equal.)"""
         import sympy
 
         if depth >= 4:
@@ -455,6 +458,8 @@ class TracedRewrite:
         for g in inputs.guards():
             if not (isinstance(g, sympy.Eq) and all(isinstance(a, sympy.Symbol) for a in g.args)):
                 continue
+            if len({str(a).rsplit(".", 1)[0] for a in g.args}) != 1:
+                continue  # two arguments' sizes
             for name in sorted((str(a) for a in g.args), reverse=True):  # either side may be the free one
                 arg, dim = name.rsplit(".", 1)
                 spec = next(v for a, v in zip(self.args, values) if a.name == arg)
