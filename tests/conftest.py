@@ -1,6 +1,28 @@
+import itertools
 import os
 
 import torch
+
+#: ``FXFUSE_FULL_TESTS=1`` runs every kernel test's whole parameter matrix (the slower tier:
+#: every combination of shape, dtype, config, ...). CI runs `covering` sets: every value of
+#: every axis at least once, each kind of test still there.
+FULL_TESTS = os.environ.get("FXFUSE_FULL_TESTS") == "1"
+
+
+def covering(*axes):
+    """Parameter tuples over ``axes``: all combinations under ``FXFUSE_FULL_TESTS=1``, else
+    as many tuples as the longest axis has values, each value of every axis in at least one
+    (value ``i`` of each axis together, shorter axes cycled).
+
+    >>> covering([1, 2, 3], ["a", "b"])   # without FXFUSE_FULL_TESTS
+    [(1, 'a'), (2, 'b'), (3, 'a')]
+    """
+    axes = [list(a) for a in axes]
+    if FULL_TESTS:
+        return list(itertools.product(*axes))
+    n = max(len(a) for a in axes)
+    return [tuple(a[i % len(a)] for a in axes) for i in range(n)]
+
 
 if not torch.cuda.is_available():
     # Triton kernels run in its CPU interpreter; it must be set before Triton is first

@@ -17,6 +17,7 @@ import fxfuse  # noqa: F401  (registers the ops)
 from fxfuse.kernels import allreduce as K
 from fxfuse.ops import _groups, _symm_mem
 from fxfuse.ops import allreduce as A
+from conftest import covering
 
 fx = torch.ops.fxfuse
 EPS = 1e-6
@@ -74,9 +75,11 @@ def _variants(partials, r, w, g):
     ]
 
 
-@pytest.mark.parametrize("fp32_partials", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fp32_partials, dtype, shape", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    [False, True],
+    [torch.bfloat16, torch.float16],
+    SHAPES,
+)])
 def test_each_op_equals_its_chain_and_its_native_reference(group, shape, dtype, fp32_partials):
     x, r, w = _inputs(shape, dtype, seed=shape[0])
     if fp32_partials:  # values that bf16/fp16 cannot hold: the op must round them once
@@ -208,8 +211,10 @@ def _native(name, x, r, w, g, extra):
 
 
 @pytest.mark.skipif(not fxfuse.kernels.available("cpu"), reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("two_shot", [False, True])
-@pytest.mark.parametrize("shape, fp32_partials", [((1, 64), False), ((5, 192), False), ((3, 64), True)])
+@pytest.mark.parametrize("two_shot, shape, fp32_partials", [(v0,) + tuple(v1) for v0, v1 in covering(
+    [False, True],
+    [((1, 64), False), ((5, 192), False), ((3, 64), True)],
+)])
 def test_kernel_epilogues_at_world_size_1_interpreted(group, shape, fp32_partials, two_shot):
     """The whole kernel (publish, barrier, reduce, epilogue, gather) with one rank, whose
     symmetric buffer and signal pad are plain CPU tensors: equal to the native chain."""
@@ -240,8 +245,10 @@ def _fraction_differing(a, b):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens, path", [(1, "one_shot"), (7, "one_shot"), (200, "two_shot")])
-@pytest.mark.parametrize("fp32_partials", [False, True])
+@pytest.mark.parametrize("tokens, path, fp32_partials", [tuple(v0) + (v1,) for v0, v1 in covering(
+    [(1, "one_shot"), (7, "one_shot"), (200, "two_shot")],
+    [False, True],
+)])
 def test_cuda_one_rank_nccl_group_runs_the_kernel_for_every_op(group, tokens, path, fp32_partials):
     """World size 1 on CUDA: an NCCL subgroup of the one-rank world, symmetric memory on the
     one GPU; every op through the symmetric-memory kernel against the same op on the

@@ -23,6 +23,7 @@ from fxfuse.attention import (  # noqa: E402
 from fxfuse.kernels import attention as K  # noqa: E402
 from fxfuse.ops.nvfp4 import nvfp4_block_scales_shape, nvfp4_quant_native  # noqa: E402
 from fxfuse.ops.quant import static_scaled_fp8_quant_native  # noqa: E402
+from conftest import covering
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -91,8 +92,10 @@ def test_split_heuristic_only_splits_small_decode_batches():
     assert K.num_splits(1, 8, 1, 100, dev) == 1  # too short to split
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits, dtype", [(v0,) + (v1,) for v0, v1 in covering(
+    [1, 3],
+    [torch.bfloat16, torch.float16],
+)])
 def test_quantized_outputs_equal_the_unfused_chain(splits, dtype):
     if splits == 1:
         batch = on_device(Batch(random_seqs(21), num_heads=8, num_kv_heads=2, head_size=64, block_size=16,
@@ -127,8 +130,10 @@ def _stale_slots_nan(batch):
         cache.view(owned.shape[0], -1)[~owned] = float("nan")
 
 
-@pytest.mark.parametrize("q_tma, page_prefetch", [(False, False), (None, False), (None, True)])
-@pytest.mark.parametrize("cfg", [(32, 16, 4, 2), (64, 32, 4, 2)], ids=["bm32-bn16", "bm64-bn32"])
+@pytest.mark.parametrize("q_tma, page_prefetch, cfg", [tuple(v0) + (v1,) for v0, v1 in covering(
+    [(False, False), (None, False), (None, True)],
+    [(32, 16, 4, 2), (64, 32, 4, 2)],
+)])
 def test_tma_path_matches_reference_with_stale_slots(cfg, q_tma, page_prefetch):
     # 32-slot pages hold whole key tiles; pages are shared by no two sequences, and the
     # slots past each sequence's end are NaN.

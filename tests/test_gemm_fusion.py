@@ -24,6 +24,7 @@ from fxfuse.ops import fused_linear as FL
 from fxfuse.ops.block_linear import block_fp8_linear_native, quantize_weight_blocks
 from fxfuse.ops.group_quant import group_fp8_quant_native
 from fxfuse.ops.linear import fp8_linear_native
+from conftest import covering
 
 fx = torch.ops.fxfuse
 FP8 = torch.float8_e4m3fn
@@ -94,8 +95,10 @@ SHAPES = [(1, 80, 96), (5, 72, 160), (17, 48, 64)] if DEVICE == "cpu" else [(1, 
 # --------------------------------------------------------------------------- per-tensor FP8: kernels
 
 
-@pytest.mark.parametrize("m, n, k", SHAPES)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label())
+@pytest.mark.parametrize("m, n, k, cfg", [tuple(v0) + (v1,) for v0, v1 in covering(
+    SHAPES,
+    CONFIGS,
+)])
 def test_prologues_equal_quant_kernel_then_gemm(m, n, k, cfg):
     sg, kq, _, _, _ = _kernels()
     x = _rand(m, k, seed=m + k, scale=3.0).to(torch.bfloat16).to(DEVICE)
@@ -110,9 +113,11 @@ def test_prologues_equal_quant_kernel_then_gemm(m, n, k, cfg):
         assert _same(got, ref), f"dynamic, ub={ub}"
 
 
-@pytest.mark.parametrize("m, n, k", SHAPES)
-@pytest.mark.parametrize("cfg", CONFIGS + TAIL_CONFIGS, ids=lambda c: c.label())
-@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "static_fp8"])
+@pytest.mark.parametrize("m, n, k, cfg, quantized", [tuple(v0) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    SHAPES,
+    CONFIGS + TAIL_CONFIGS,
+    [False, True],
+)])
 def test_epilogues_equal_gemm_then_their_kernels(m, n, k, cfg, quantized):
     sg, kq, ka, kn, _ = _kernels()
     x = _rand(m, k, seed=k, scale=2.0).to(torch.bfloat16).to(DEVICE)
@@ -171,8 +176,10 @@ BLOCK_SHAPES = [(3, 2 * 128, 256, 128, True), (5, 2 * 192, 192, 64, False)] if D
 BLOCK_CONFIGS = [Cfg(128, 128, 1, 4, 2, True), Cfg(128, 128, 2, 4, 2, False), Cfg(128, 128, 2, 4, 2, True, True)]
 
 
-@pytest.mark.parametrize("m, n, k, group, column_major", BLOCK_SHAPES)
-@pytest.mark.parametrize("cfg", BLOCK_CONFIGS, ids=lambda c: c.label())
+@pytest.mark.parametrize("m, n, k, group, column_major, cfg", [tuple(v0) + (v1,) for v0, v1 in covering(
+    BLOCK_SHAPES,
+    BLOCK_CONFIGS,
+)])
 def test_block_forms_equal_their_unfused_kernels(m, n, k, group, column_major, cfg):
     sg, _, _, _, kg = _kernels()
     x = _rand(m, k, seed=m * k).to(torch.bfloat16).to(DEVICE)

@@ -29,6 +29,7 @@ from fxfuse.ops.gemma_norm import (
 )
 from fxfuse.ops.norm import rms_norm_native
 from fxfuse.ops.quant import dynamic_per_token_fp8_quant_native, static_scaled_fp8_quant_native
+from conftest import covering
 
 fx = torch.ops.fxfuse
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,9 +72,11 @@ def _bits(t):
 # --------------------------------------------------------------------------- native vs references
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("weight_f32", [True, False])
+@pytest.mark.parametrize("shape, dtype, weight_f32", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    SHAPES,
+    DTYPES,
+    [True, False],
+)])
 def test_native_matches_hf_and_float64(shape, dtype, weight_f32):
     x = randn(shape, dtype, 1, scale=3.0)
     w = gemma_weight(shape[-1], torch.float32 if weight_f32 else dtype, 2)
@@ -117,8 +120,10 @@ def test_fused_add_is_the_add_then_the_norm(dtype):
     assert torch.equal(y, fx.gemma_rms_norm(x + r, w, EPS))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(7, 40), (2, 3, 40), (5, 1152)])
+@pytest.mark.parametrize("dtype, shape", [(v0,) + (v1,) for v0, v1 in covering(
+    [torch.bfloat16, torch.float16],
+    [(7, 40), (2, 3, 40), (5, 1152)],
+)])
 def test_quant_forms_equal_their_unfused_chains(dtype, shape):
     x, r = randn(shape, dtype, 10, scale=2.0), randn(shape, dtype, 11)
     w = gemma_weight(shape[-1], torch.float32, 12)
@@ -188,10 +193,12 @@ def assert_fp8_matches(q, ref):
 KERNEL_SHAPES = [(1, 16), (7, 40), (33, 129)] if DEVICE == "cpu" else [(1, 2560), (7, 3840), (257, 5376), (33, 129)]
 
 
-@pytest.mark.parametrize("rows, cols", KERNEL_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("weight_f32", [True, False])
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("rows, cols, dtype, weight_f32, residual", [tuple(v0) + (v1,) + (v2,) + (v3,) for v0, v1, v2, v3 in covering(
+    KERNEL_SHAPES,
+    DTYPES,
+    [True, False],
+    [False, True],
+)])
 def test_kernel_norm_matches_native(rows, cols, dtype, weight_f32, residual):
     K = _kernel()
     x, r = randn((rows, cols), dtype, rows, 2.0, DEVICE), randn((rows, cols), dtype, rows + 1, 1.0, DEVICE)
@@ -208,9 +215,11 @@ def test_kernel_norm_matches_native(rows, cols, dtype, weight_f32, residual):
     assert ok and (frac < 0.02 or dtype == torch.float32), f"{frac:.3%} of elements differ"
 
 
-@pytest.mark.parametrize("rows, cols", KERNEL_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("rows, cols, dtype, residual", [tuple(v0) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    KERNEL_SHAPES,
+    [torch.bfloat16, torch.float16],
+    [False, True],
+)])
 def test_kernel_fp8_epilogues_quantize_the_kernels_own_norm(rows, cols, dtype, residual):
     K = _kernel()
     x, r = randn((rows, cols), dtype, 3 * rows, 2.0, DEVICE), randn((rows, cols), dtype, 3 * rows + 1, 1.0, DEVICE)
@@ -331,8 +340,10 @@ def test_validation_under_fake_mode(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 37, 4096])
-@pytest.mark.parametrize("hidden", [2560, 3840, 5376])
+@pytest.mark.parametrize("tokens, hidden", [(v0,) + (v1,) for v0, v1 in covering(
+    [1, 37, 4096],
+    [2560, 3840, 5376],
+)])
 def test_ops_on_cuda_run_the_kernel(tokens, hidden, monkeypatch):
     from fxfuse.ops._dispatch import use_kernels
 

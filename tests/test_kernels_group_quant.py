@@ -21,6 +21,7 @@ from fxfuse.kernels import activation as A  # noqa: E402
 from fxfuse.kernels import group_quant as G  # noqa: E402
 from fxfuse.kernels import norm_quant as N  # noqa: E402
 from fxfuse.ops.group_quant import group_fp8_quant_native  # noqa: E402
+from conftest import covering
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (shape, group size): odd row counts, one group and several, 1-D and 3-D.
@@ -44,9 +45,11 @@ def _assert_same_layout(s, ref_s):
     assert s.shape == ref_s.shape and s.stride() == ref_s.stride()
 
 
-@pytest.mark.parametrize("shape, group_size", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("shape, group_size, dtype, column_major", [tuple(v0) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    SHAPES,
+    DTYPES,
+    [False, True],
+)])
 def test_group_quant_is_bit_exact(shape, group_size, dtype, column_major):
     x = _x(shape, dtype, seed=sum(shape))
     x.view(-1, shape[-1])[0, :group_size] *= 1e-9  # a group at the scale floor
@@ -69,11 +72,13 @@ def test_group_maximum_lands_on_the_fp8_limit(dtype):
     assert (q.float().abs().amax(-1) == 448).all()
 
 
-@pytest.mark.parametrize("shape, group_size", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("column_major", [False, True])
-@pytest.mark.parametrize("per_program", [None, 2, 8])
+@pytest.mark.parametrize("shape, group_size, dtype, residual, column_major, per_program", [tuple(v0) + (v1,) + (v2,) + (v3,) + (v4,) for v0, v1, v2, v3, v4 in covering(
+    SHAPES,
+    [torch.bfloat16, torch.float16],
+    [False, True],
+    [False, True],
+    [None, 2, 8],
+)])
 def test_rms_norm_group_quant_quantizes_the_norm_kernels_output(shape, group_size, dtype, residual, column_major,
                                                                  per_program):
     x = _x(shape, dtype, seed=3 * sum(shape), scale=3.0)
@@ -99,9 +104,11 @@ def test_rms_norm_group_quant_quantizes_the_norm_kernels_output(shape, group_siz
     assert_fp8_matches(q.view(torch.uint8)[same], ref_q.view(torch.uint8)[same])
 
 
-@pytest.mark.parametrize("shape, group_size", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("shape, group_size, dtype, column_major", [tuple(v0) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    SHAPES,
+    DTYPES,
+    [False, True],
+)])
 def test_silu_and_mul_group_quant_quantizes_the_activation_kernels_output(shape, group_size, dtype, column_major):
     x = torch.cat([_x(shape, dtype, seed=5 * sum(shape), scale=3.0), _x(shape, dtype, seed=7, scale=2.0)], dim=-1)
     q, s = G.silu_and_mul_group_fp8(x, group_size, column_major)

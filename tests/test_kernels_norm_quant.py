@@ -21,6 +21,7 @@ from fxfuse.kernels import norm_quant as K  # noqa: E402
 from fxfuse.kernels._rounding import exact_casts, quantize_fp8, round_to  # noqa: E402
 from fxfuse.ops.norm import fused_add_rms_norm_native, rms_norm_native  # noqa: E402
 from fxfuse.ops.quant import dynamic_per_token_fp8_quant_native, static_scaled_fp8_quant_native  # noqa: E402
+from conftest import covering
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 16), (7, 40), (33, 129)] if DEVICE == "cpu" else [(1, 4096), (7, 5120), (257, 8192), (33, 129)]
@@ -60,10 +61,12 @@ def assert_fp8_matches(q, ref):
     assert bool(((a - b).abs()[diff] == 1).all()) and bool(((a >> 7) == (b >> 7)).all()), "codes more than one step apart"
 
 
-@pytest.mark.parametrize("rows, cols", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("per_program", PER_PROGRAM)
+@pytest.mark.parametrize("rows, cols, dtype, residual, per_program", [tuple(v0) + (v1,) + (v2,) + (v3,) for v0, v1, v2, v3 in covering(
+    SHAPES,
+    [torch.bfloat16, torch.float16],
+    [False, True],
+    PER_PROGRAM,
+)])
 def test_norm_matches_native_within_two_ulps(rows, cols, dtype, residual, per_program):
     x, r, w = _inputs(rows, cols, dtype, seed=rows * cols)
     y, _, _, r_out = K.rms_norm_quant(x, w, 1e-6, residual=r if residual else None, rows_per_program=per_program)
@@ -78,11 +81,13 @@ def test_norm_matches_native_within_two_ulps(rows, cols, dtype, residual, per_pr
     assert ok and frac < 0.02, f"{frac:.3%} of elements differ"
 
 
-@pytest.mark.parametrize("rows, cols", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("x_scale, s", [(1.0, 0.01), (300.0, 0.001)], ids=["normal", "saturating"])
-@pytest.mark.parametrize("per_program", PER_PROGRAM)
+@pytest.mark.parametrize("rows, cols, dtype, residual, x_scale, s, per_program", [tuple(v0) + (v1,) + (v2,) + tuple(v3) + (v4,) for v0, v1, v2, v3, v4 in covering(
+    SHAPES,
+    [torch.bfloat16, torch.float16],
+    [False, True],
+    [(1.0, 0.01), (300.0, 0.001)],
+    PER_PROGRAM,
+)])
 def test_static_fp8_epilogue_is_bit_exact(rows, cols, dtype, residual, x_scale, s, per_program):
     x, r, w = _inputs(rows, cols, dtype, seed=rows + cols, scale=x_scale)
     scale = torch.tensor([s], device=DEVICE)
@@ -95,11 +100,13 @@ def test_static_fp8_epilogue_is_bit_exact(rows, cols, dtype, residual, x_scale, 
         assert torch.equal(r_out, x + r)
 
 
-@pytest.mark.parametrize("rows, cols", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("ub", [None, 0.5])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("per_program", PER_PROGRAM)
+@pytest.mark.parametrize("rows, cols, dtype, ub, residual, per_program", [tuple(v0) + (v1,) + (v2,) + (v3,) + (v4,) for v0, v1, v2, v3, v4 in covering(
+    SHAPES,
+    [torch.bfloat16, torch.float16],
+    [None, 0.5],
+    [False, True],
+    PER_PROGRAM,
+)])
 def test_dynamic_fp8_epilogue_is_bit_exact(rows, cols, dtype, ub, residual, per_program):
     x, r, w = _inputs(rows, cols, dtype, seed=3 * rows + cols)
     x[0] *= 1e-6  # a near-zero row exercises the scale floor
@@ -122,9 +129,11 @@ def test_dynamic_fp8_epilogue_is_bit_exact(rows, cols, dtype, ub, residual, per_
     assert_fp8_matches(_bytes(q)[same], _bytes(ref_q)[same])
 
 
-@pytest.mark.parametrize("rows, cols", SHAPES)
-@pytest.mark.parametrize("quant", [K.QUANT_NONE, K.QUANT_STATIC, K.QUANT_DYNAMIC])
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("rows, cols, quant, residual", [tuple(v0) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    SHAPES,
+    [K.QUANT_NONE, K.QUANT_STATIC, K.QUANT_DYNAMIC],
+    [False, True],
+)])
 def test_rows_per_program_changes_no_bit(rows, cols, quant, residual):
     """Every output of a launch with several rows per program (and other warp counts)
     equals the one-row launch's: bit for bit in the interpreter; compiled, each launch's

@@ -16,6 +16,7 @@ from fxfuse.kernels import quant as Q  # noqa: E402
 from fxfuse.ops.activation import silu_and_mul_native  # noqa: E402
 from fxfuse.ops.nvfp4 import nvfp4_quant_native  # noqa: E402
 from fxfuse.ops.quant import dynamic_per_token_fp8_quant_native, static_scaled_fp8_quant_native  # noqa: E402
+from conftest import covering
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Odd row counts, and columns that are not multiples of the block sizes.
@@ -32,18 +33,22 @@ def _bytes(t):
     return t.contiguous().view(torch.uint8)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("x_scale, s", [(1.0, 0.01), (300.0, 0.001)], ids=["normal", "saturating"])
+@pytest.mark.parametrize("shape, dtype, x_scale, s", [(v0,) + (v1,) + tuple(v2) for v0, v1, v2 in covering(
+    SHAPES,
+    DTYPES,
+    [(1.0, 0.01), (300.0, 0.001)],
+)])
 def test_static_fp8_is_bit_exact(shape, dtype, x_scale, s):
     x = _x(shape, dtype, seed=sum(shape), scale=x_scale)
     scale = torch.tensor([s], device=DEVICE)
     assert torch.equal(_bytes(Q.static_fp8(x, scale)), _bytes(static_scaled_fp8_quant_native(x, scale)))
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(3, 5, 24)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ub", [None, 0.5])
+@pytest.mark.parametrize("shape, dtype, ub", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    SHAPES + [(3, 5, 24)],
+    DTYPES,
+    [None, 0.5],
+)])
 def test_dynamic_fp8_is_bit_exact(shape, dtype, ub):
     x = _x(shape, dtype, seed=7 * sum(shape))
     x.view(-1, shape[-1])[0] *= 1e-6  # the scale floor
@@ -71,8 +76,10 @@ def test_dynamic_fp8_long_rows_take_the_chunked_path():
 NVFP4_SHAPES = [(1, 32), (5, 48), (130, 80)] if DEVICE == "cpu" else [(1, 4096), (130, 80), (257, 14336)]
 
 
-@pytest.mark.parametrize("shape", NVFP4_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, dtype", [(v0,) + (v1,) for v0, v1 in covering(
+    NVFP4_SHAPES,
+    DTYPES,
+)])
 def test_nvfp4_is_bit_exact(shape, dtype):
     x = _x(shape, dtype, seed=3 * sum(shape))
     x[0, :16] = 0  # an all-zero block (scale 0)
@@ -106,8 +113,10 @@ def _within_ulps(a, b, ulps):
 SILU_SHAPES = [(1, 32), (5, 96), (33, 160)] if DEVICE == "cpu" else [(1, 2 * 14336), (7, 2 * 4096), (257, 2 * 14336), (33, 160)]
 
 
-@pytest.mark.parametrize("shape", SILU_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, dtype", [(v0,) + (v1,) for v0, v1 in covering(
+    SILU_SHAPES,
+    DTYPES,
+)])
 def test_silu_and_mul_and_its_quant_epilogues(shape, dtype):
     x = _x(shape, dtype, seed=5 * sum(shape), scale=3.0)
     y = A.silu_and_mul(x)
@@ -184,8 +193,10 @@ def _word_input(shape, dtype, seed):
     return x
 
 
-@pytest.mark.parametrize("case", range(len(WORD_QUANT_CASES)), ids=lambda i: "x".join(map(str, WORD_QUANT_CASES[i][0])))
-@pytest.mark.parametrize("dtype", WORD_DTYPES)
+@pytest.mark.parametrize("case, dtype", [(v0,) + (v1,) for v0, v1 in covering(
+    range(len(WORD_QUANT_CASES)),
+    WORD_DTYPES,
+)])
 def test_nvfp4_word_kernel_is_bit_exact(case, dtype):
     shape, configs = WORD_QUANT_CASES[case]
     x = _word_input(shape, dtype, seed=11 * sum(shape))
@@ -210,8 +221,10 @@ def test_nvfp4_unaligned_16_bit_input_takes_the_element_kernel(dtype):
     assert torch.equal(q, ref_q) and torch.equal(_bytes(sf), _bytes(ref_sf))
 
 
-@pytest.mark.parametrize("case", range(len(WORD_SILU_CASES)), ids=lambda i: "x".join(map(str, WORD_SILU_CASES[i][0])))
-@pytest.mark.parametrize("dtype", WORD_DTYPES)
+@pytest.mark.parametrize("case, dtype", [(v0,) + (v1,) for v0, v1 in covering(
+    range(len(WORD_SILU_CASES)),
+    WORD_DTYPES,
+)])
 def test_silu_and_mul_nvfp4_word_kernel_is_bit_exact(case, dtype):
     shape, configs = WORD_SILU_CASES[case]
     x = _x(shape, dtype, seed=13 * sum(shape), scale=3.0)

@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="Triton is part of the test extras")
 from fxfuse.kernels import activation as A  # noqa: E402
 from fxfuse.ops.activation import silu_and_mul_native  # noqa: E402
 from fxfuse.ops.quant import static_scaled_fp8_quant_native  # noqa: E402
+from conftest import covering
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (rows, d): d a multiple of the flat block (one row per program), not one (programs
@@ -40,9 +41,11 @@ def _bytes(t):
     return t.contiguous().view(torch.uint8)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("config, shape, dtype", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    CONFIGS,
+    SHAPES,
+    [torch.bfloat16, torch.float16, torch.float32],
+)])
 def test_every_config_gives_the_default_launch_bits(config, shape, dtype):
     x = _x(*shape, dtype, seed=sum(shape) + config[1])
     ref = A.silu_and_mul(x)

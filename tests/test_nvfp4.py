@@ -25,6 +25,7 @@ from fxfuse.ops.nvfp4 import (
     swizzle_block_scales,
     unswizzle_block_scales,
 )
+from conftest import covering
 
 fx = torch.ops.fxfuse
 FP8 = torch.float8_e4m3fn
@@ -225,9 +226,11 @@ def test_scales_of_several_rows_and_blocks():
 EXACT_SHAPES = [(1, 16), (7, 48), (129, 32), (3, 144), (2, 3, 64), (64,)]
 
 
-@pytest.mark.parametrize("dtype", MODEL_DTYPES + [torch.float32])
-@pytest.mark.parametrize("shape", EXACT_SHAPES)
-@pytest.mark.parametrize("regime", ["amax", "clamping", "underflow"])
+@pytest.mark.parametrize("dtype, shape, regime", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    MODEL_DTYPES + [torch.float32],
+    EXACT_SHAPES,
+    ["amax", "clamping", "underflow"],
+)])
 def test_quant_matches_reference(dtype, shape, regime):
     x = randn(shape, dtype, 1, scale=3.0)
     rows = x.reshape(-1, shape[-1])
@@ -259,9 +262,11 @@ def test_quant_matches_reference_on_ties():
     assert torch.equal(q, q_ref) and torch.equal(u8(s), s_ref)
 
 
-@pytest.mark.parametrize("dtype", MODEL_DTYPES)
-@pytest.mark.parametrize("shape", [(1, 16), (7, 48), (3, 144), (2, 3, 64)])
-@pytest.mark.parametrize("regime", ["amax", "clamping", "underflow"])
+@pytest.mark.parametrize("dtype, shape, regime", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    MODEL_DTYPES,
+    [(1, 16), (7, 48), (3, 144), (2, 3, 64)],
+    ["amax", "clamping", "underflow"],
+)])
 def test_word_kernels_match_reference(dtype, shape, regime):
     """bf16/fp16 input takes the Triton kernels that read int32 words into [rows, blocks,
     words] tiles (CUDA, or Triton's interpreter here): their bytes equal the independent
@@ -353,9 +358,11 @@ def test_op_scales_are_swizzled():
 # --------------------------------------------------------------------------- dequantization error
 
 
-@pytest.mark.parametrize("dtype", MODEL_DTYPES)
-@pytest.mark.parametrize("m", [1, 7, 129])
-@pytest.mark.parametrize("k", [16, 48, 144])
+@pytest.mark.parametrize("dtype, m, k", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    MODEL_DTYPES,
+    [1, 7, 129],
+    [16, 48, 144],
+)])
 def test_round_trip_error_bound(dtype, m, k):
     x = randn((m, k), dtype, 10 + m + k, scale=3.0)
     gs = gs_for(x)
@@ -395,9 +402,11 @@ def test_relative_error_large_matrix():
 # --------------------------------------------------------------------------- fused == chain
 
 
-@pytest.mark.parametrize("dtype", MODEL_DTYPES + [torch.float32])
-@pytest.mark.parametrize("shape", [(1, 32), (7, 96), (129, 64), (2, 3, 288)])
-@pytest.mark.parametrize("regime", ["amax", "clamping", "underflow"])
+@pytest.mark.parametrize("dtype, shape, regime", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    MODEL_DTYPES + [torch.float32],
+    [(1, 32), (7, 96), (129, 64), (2, 3, 288)],
+    ["amax", "clamping", "underflow"],
+)])
 def test_silu_and_mul_nvfp4_quant_equals_chain(dtype, shape, regime):
     x = randn(shape, dtype, 30, scale=2.0)
     y = fx.silu_and_mul(x)

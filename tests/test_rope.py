@@ -31,6 +31,7 @@ from fxfuse.ops.rotary import (
     rotary_cos_sin_cache,
     rotary_embedding_native,
 )
+from conftest import covering
 
 fx = torch.ops.fxfuse
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,9 +127,11 @@ def test_cos_sin_cache_is_vllms_layout():
 # --------------------------------------------------------------------------- native vs references
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("case, dtype, is_neox", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    CASES,
+    DTYPES,
+    [True, False],
+)])
 def test_native_matches_hf_formulas(case, dtype, is_neox):
     pos, q, k, hd, cache = _inputs(case, dtype, seed=sum(case))
     q2, k2 = rotary_embedding_native(pos, q, k, hd, cache, is_neox)
@@ -198,10 +201,12 @@ def _per_head(op, x, w, eps, hd):
     return op(x.reshape(x.shape[0], -1, hd), w, eps).reshape(x.shape)
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("is_neox", [True, False])
-@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("case, dtype, is_neox, gemma", [(v0,) + (v1,) + (v2,) + (v3,) for v0, v1, v2, v3 in covering(
+    CASES,
+    DTYPES,
+    [True, False],
+    [False, True],
+)])
 def test_qk_norm_rope_equals_the_unfused_chain(case, dtype, is_neox, gemma):
     pos, q, k, hd, cache = _inputs(case, dtype, seed=3 * sum(case))
     wdt = torch.float32 if gemma else dtype
@@ -258,10 +263,12 @@ KERNEL_CASES = ([(1, 4, 2, 64, 64), (7, 5, 1, 128, 64), (13, 3, 3, 128, 48), (6,
                 else CASES + [(4096, 32, 8, 128, 128), (257, 16, 8, 256, 256), (300, 32, 4, 128, 64)])
 
 
-@pytest.mark.parametrize("case", KERNEL_CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("is_neox", [True, False])
-@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("case, dtype, is_neox, pos_dtype", [(v0,) + (v1,) + (v2,) + (v3,) for v0, v1, v2, v3 in covering(
+    KERNEL_CASES,
+    DTYPES,
+    [True, False],
+    [torch.int64, torch.int32],
+)])
 def test_rotary_kernel_is_bit_exact(case, dtype, is_neox, pos_dtype):
     R = _kernel()
     cache_dtype = torch.float32 if pos_dtype == torch.int64 else dtype
@@ -321,10 +328,12 @@ def _identity_cache(max_pos, rot, dtype, device):
     return torch.cat((torch.ones(max_pos, rot // 2), torch.zeros(max_pos, rot // 2)), -1).to(dtype).to(device)
 
 
-@pytest.mark.parametrize("case", KERNEL_CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("is_neox", [True, False])
-@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("case, dtype, is_neox, gemma", [(v0,) + (v1,) + (v2,) + (v3,) for v0, v1, v2, v3 in covering(
+    KERNEL_CASES,
+    DTYPES,
+    [True, False],
+    [False, True],
+)])
 def test_qk_norm_rope_kernel(case, dtype, is_neox, gemma):
     R = _kernel()
     pos, q, k, hd, cache = _inputs(case, dtype, seed=5 * sum(case), device=DEVICE)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxfuse
-from conftest import targets, trace_graph
+from conftest import covering, targets, trace_graph
 from fxfuse.attention import (
     AttentionLayer,
     AttentionMetadata,
@@ -73,9 +73,11 @@ KERNEL_CASES = [  # (tokens, q heads, kv heads, head size, rotary dim)
 ]
 
 
-@pytest.mark.parametrize("case", KERNEL_CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("case, dtype, is_neox", [(v0,) + (v1,) + (v2,) for v0, v1, v2 in covering(
+    KERNEL_CASES,
+    [torch.bfloat16, torch.float16, torch.float32],
+    [True, False],
+)])
 def test_kernel_writes_what_rotation_then_cache_write_writes(case, dtype, is_neox):
     R = _kernel()
     tokens, hq, hkv, d, rot = case
@@ -124,8 +126,10 @@ def _run_attention(backend, query_lens, hq, hkv, d, rot, is_neox, fused, dtype=t
     return out, cache.key_cache, cache.value_cache
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
-@pytest.mark.parametrize("rot, is_neox", [(32, True), (12, False)])
+@pytest.mark.parametrize("backend, rot, is_neox", [(v0,) + tuple(v1) for v0, v1 in covering(
+    ["native", "triton"],
+    [(32, True), (12, False)],
+)])
 def test_attention_rotating_itself_equals_rotation_then_attention(backend, rot, is_neox):
     if backend == "triton":
         _kernel()
@@ -234,10 +238,12 @@ def _run(gm_or_fn, names, query_lens, d, args):
 SCHEMES = {"none": "RopeAttention", "fp8": "RopeAttentionFp8", "nvfp4": "RopeAttentionNvfp4"}
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
-@pytest.mark.parametrize("d, rot, is_neox", [(32, 32, True), (64, 48, False), (16, 6, True)])
-@pytest.mark.parametrize("query_lens", [[5, 2], [1]])
-@pytest.mark.parametrize("v2", [True, False], ids=["auto_functionalized_v2", "auto_functionalized"])
+@pytest.mark.parametrize("scheme, d, rot, is_neox, query_lens, v2", [(v0,) + tuple(v1) + (v2,) + (v3,) for v0, v1, v2, v3 in covering(
+    list(SCHEMES),
+    [(32, 32, True), (64, 48, False), (16, 6, True)],
+    [[5, 2], [1]],
+    [True, False],
+)])
 def test_fuses_every_layer_bit_for_bit(scheme, d, rot, is_neox, query_lens, v2):
     """Two layers from one registration; the attention quant fused first where the model
     quantizes (what the pipeline does); outputs and KV caches as the unfused graph's."""
@@ -344,8 +350,10 @@ def test_sizes_read_off_nodes_become_the_size_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (16, 8, 256)], ids=["qwen3-8b", "gemma3-12b"])
-@pytest.mark.parametrize("tokens", [1, 256, 4097])
+@pytest.mark.parametrize("hq, hkv, d, tokens", [tuple(v0) + (v1,) for v0, v1 in covering(
+    [(32, 8, 128), (16, 8, 256)],
+    [1, 256, 4097],
+)])
 def test_kernel_at_model_shapes_on_the_gpu(hq, hkv, d, tokens):
     """The compiled kernel (not the interpreter) at Qwen3-8B's and Gemma-3-12B's head shapes,
     pages of 64 slots: the same bits as the rotation kernel followed by the cache write."""

@@ -39,6 +39,7 @@ from fxfuse.ops import linear as L
 from fxfuse.ops.block_linear import block_fp8_linear_native, quantize_weight_blocks
 from fxfuse.ops.group_quant import group_fp8_quant_native
 from fxfuse.ops.linear import fp8_linear_native
+from conftest import covering
 
 fx = torch.ops.fxfuse
 FP8 = torch.float8_e4m3fn
@@ -334,9 +335,11 @@ LINEAR_CASES = [((1,), 200, 208), ((3,), 37, 96), ((17,), 136, 320), ((2, 3), 72
 DTYPES = [(torch.bfloat16, False), (torch.float16, True), (torch.float32, True), (torch.bfloat16, True)]
 
 
-@pytest.mark.parametrize("lead, n, k", LINEAR_CASES)
-@pytest.mark.parametrize("per_token", [False, True], ids=["per_tensor", "per_token"])
-@pytest.mark.parametrize("out_dtype, with_bias", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("lead, n, k, per_token, out_dtype, with_bias", [tuple(v0) + (v1,) + tuple(v2) for v0, v1, v2 in covering(
+    LINEAR_CASES,
+    [False, True],
+    DTYPES,
+)])
 def test_kernel_matches_exact_product(lead, n, k, per_token, out_dtype, with_bias):
     sg = _kernels()
     x_q, w_q, x_scale, w_scale = _per_tensor_problem(lead, n, k, per_token, seed=n + k)
@@ -361,9 +364,11 @@ def _configs_for(m):
             Cfg(128, 32, 1, 4, 1, True), Cfg(32, 256, 2, 8, 2)]
 
 
-@pytest.mark.parametrize("m, n, k", [(1, 200, 208), (5, 37, 96), (17, 136, 320)] if DEVICE == "cpu" else
-                         [(1, 4096, 4096), (16, 6144, 4096), (64, 4096, 14336)])
-@pytest.mark.parametrize("per_token", [False, True], ids=["per_tensor", "per_token"])
+@pytest.mark.parametrize("m, n, k, per_token", [tuple(v0) + (v1,) for v0, v1 in covering(
+    [(1, 200, 208), (5, 37, 96), (17, 136, 320)] if DEVICE == "cpu" else
+                         [(1, 4096, 4096), (16, 6144, 4096), (64, 4096, 14336)],
+    [False, True],
+)])
 def test_configs_agree_and_repeat_bit_for_bit(m, n, k, per_token):
     sg = _kernels()
     x_q, w_q, x_scale, w_scale = _per_tensor_problem((m,), n, k, per_token, seed=m * n)
@@ -410,8 +415,10 @@ BLOCK_CASES = [((1,), 200, 256, 128, True), ((3,), 37, 192, 64, False), ((17,), 
                ((9,), 1000, 576, 64, True)]
 
 
-@pytest.mark.parametrize("lead, n, k, group_size, column_major", BLOCK_CASES)
-@pytest.mark.parametrize("out_dtype, with_bias", DTYPES[:3], ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("lead, n, k, group_size, column_major, out_dtype, with_bias", [tuple(v0) + tuple(v1) for v0, v1 in covering(
+    BLOCK_CASES,
+    DTYPES[:3],
+)])
 def test_block_kernel_matches_exact_product(lead, n, k, group_size, column_major, out_dtype, with_bias):
     sg = _kernels()
     x_q, x_s, w_q, w_s = _block_problem(lead, n, k, group_size, column_major, seed=n * k)
