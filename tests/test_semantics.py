@@ -393,7 +393,10 @@ def test_state_read_outside_the_key_is_warned_about_once():
 def test_the_builtin_passes_read_no_unreported_state():
     from fxfuse.diagnosis import unreported_state
 
-    for p in fxfuse.default_passes():
+    from fxfuse.passes.native_lowering import LOWERINGS, native_lowering
+
+    every_op = {"devices": {"cpu": {op: {"64": {"5": "inductor"}} for op in LOWERINGS}}}
+    for p in [*fxfuse.default_passes(), native_lowering(every_op)]:
         for r in p.rewrites:
             assert unreported_state(r) == [], r.name
 

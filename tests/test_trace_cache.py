@@ -147,6 +147,34 @@ def test_an_edited_helper_a_trace_ran_is_traced_again(tmp_path, monkeypatch):
     assert again[1] == first[1] and edited[1] != first[1]
 
 
+def test_a_helper_of_the_same_name_imported_from_elsewhere_is_checked_as_imported(tmp_path, monkeypatch):
+    """Two checkouts sharing one cache: each imports `fxfuse_cachehelp` from its own
+    directory. The second must be checked against the helper *it* imports, not the file
+    the entry was traced with (which still exists, unchanged): served the first's trace, it
+    would compile the old helper's graph."""
+    import importlib
+
+    monkeypatch.setenv("FXFUSE_CACHE_DIR", str(tmp_path / "fxfuse"))
+
+    def register(checkout, helper_source):
+        root = tmp_path / checkout
+        root.mkdir(exist_ok=True)
+        (root / "fxfuse_cachehelped.py").write_text(HELPED)
+        (root / "fxfuse_cachehelp.py").write_text(helper_source)
+        monkeypatch.syspath_prepend(str(root))
+        for name in ("fxfuse_cachehelp", "fxfuse_cachehelped"):
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        p = fxfuse.FusionPass("p", [importlib.import_module("fxfuse_cachehelped").Helped()])
+        return p.traced[0].cached, p.uuid()
+
+    first = register("a", HELPER)
+    other = register("b", HELPER.replace("return x + x + x", "return x * 3"))
+    same = register("c", HELPER)
+    assert other[0] is False and other[1] != first[1]
+    assert same == (True, first[1]), "an identical helper elsewhere is the same trace"
+
+
 def _factory(op):
     class Made(fxfuse.Rewrite):
         def pattern(self, x):

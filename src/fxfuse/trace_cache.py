@@ -15,7 +15,10 @@ could come out differently:
 
 Code a trace runs outside fxfuse and torch (a helper module, a custom op of another
 library) is found while tracing: the source files of every function that ran, read
-again before an entry is used. An entry is also checked against the rewrite as it is
+again before an entry is used. A file that is a module's is checked *as that module
+resolves now*: another checkout or virtual environment importing a helper of the same
+name from another path is checked against the helper it imports, not the one the entry
+was traced with. An entry is also checked against the rewrite as it is
 now (its arguments, the schemas of the ops it calls), and a traced rewrite is cached
 only when all the code it ran has a file. Anything amiss, or any error reading the
 cache, means a fresh trace: the cache can make registration fast, never wrong.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import logging
 import os
@@ -45,7 +49,7 @@ from .cache_key import Uncacheable, code_fingerprint, digest, file_digest, rewri
 log = logging.getLogger("fxfuse")
 
 #: Bumped whenever what an entry holds changes meaning.
-FORMAT = 1
+FORMAT = 2
 
 _MEMORY: dict[str, Any] = {}
 
@@ -139,18 +143,30 @@ def recording() -> Iterator[Optional[set[str]]]:
         sys.setprofile(previous)
 
 
-def _dependencies(files: set[str]) -> Optional[dict[str, str]]:
-    """The digest of each file. Code without a file ("<string>": what dataclasses and FX
-    generate while tracing; code typed at a prompt) is not one: a rewrite's own code is in
-    its key through its code objects, and generated code follows from what generated it."""
-    deps = {}
-    for f in sorted(files):
-        if f.startswith("<"):
-            continue
+def _dependencies(files: set[str]) -> Optional[tuple[dict[str, str], dict[str, str]]]:
+    """The digest of each file, by module name where the file is a loaded module's (so a
+    later process checks the module it would import: a file path alone would let it be
+    served a trace of a helper that another checkout imports from elsewhere), else by
+    path. Code without a file ("<string>": what dataclasses and FX generate while
+    tracing; code typed at a prompt) is not one: a rewrite's own code is in its key
+    through its code objects, and generated code follows from what generated it."""
+    real = [f for f in sorted(files) if not f.startswith("<")]
+    if not real:
+        return {}, {}
+    owners: dict[str, str] = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and name != "__main__":
+            owners.setdefault(os.path.realpath(path), name)
+    deps, modules = {}, {}
+    for f in real:
         if not os.path.isfile(f):
             return None  # a file that went away: nothing would tell a changed one apart
-        deps[f] = file_digest(f)
-    return deps
+        if f in owners:
+            modules[owners[f]] = file_digest(f)
+        else:
+            deps[f] = file_digest(f)
+    return deps, modules
 
 
 # --------------------------------------------------------------------------- pickling ops
@@ -204,8 +220,9 @@ class Entry:
     unchanged to use it. Checked before the data is unpickled."""
 
     payload: bytes
-    deps: dict[str, str]  # source file -> sha256, outside torch/fxfuse/stdlib
+    deps: dict[str, str]  # source file of no module -> sha256, outside torch/fxfuse/stdlib
     schemas: dict[str, str]  # op -> schema
+    modules: dict[str, str] = dataclasses.field(default_factory=dict)  # module name -> sha256 of its file
 
 
 def _path(key: str) -> pathlib.Path:
@@ -222,11 +239,10 @@ def load(key: Optional[str]) -> Any:
         entry, data = _MEMORY[key]
         if _still_right(entry):
             return data
-        del _MEMORY[key]
-        return None
+        del _MEMORY[key]  # the disk may hold the entry of the helper imported now
     try:
-        entry = pickle.loads(_path(key).read_bytes())
-        if not isinstance(entry, Entry) or not _still_right(entry):
+        entry = next((e for e in _entries(key) if _still_right(e)), None)
+        if entry is None:
             return None
         data = pickle.loads(entry.payload)
     except OSError:
@@ -238,10 +254,43 @@ def load(key: Optional[str]) -> Any:
     return data
 
 
+#: Entries kept per key: one per set of helper files (two checkouts sharing a cache, each
+#: with its own helper, would otherwise trace again at every switch).
+_PER_KEY = 4
+
+
+def _entries(key: str) -> list[Entry]:
+    """The entries on disk under ``key``, newest first."""
+    entries = pickle.loads(_path(key).read_bytes())
+    if not isinstance(entries, list):
+        return []
+    return [e for e in entries if isinstance(e, Entry)]
+
+
+def _module_file(name: str) -> Optional[str]:
+    """The file module ``name`` is (or would be) imported from in this process now."""
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None) if module is not None else None
+    if path is None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+        path = spec.origin if spec is not None and spec.has_location else None
+    return path
+
+
 def _still_right(entry: Entry) -> bool:
     for path, sha in entry.deps.items():
         try:
             if file_digest(path) != sha:
+                return False
+        except OSError:
+            return False
+    for name, sha in entry.modules.items():
+        path = _module_file(name)
+        try:
+            if path is None or file_digest(path) != sha:
                 return False
         except OSError:
             return False
@@ -262,19 +311,24 @@ def store(key: Optional[str], data: Any, files: Optional[set[str]], schemas: Opt
     ``schemas``: ops that ``data`` holds only inside blobs of `dumps`."""
     if key is None or not enabled() or files is None:
         return
-    deps = _dependencies(files)
-    if deps is None:
+    found_deps = _dependencies(files)
+    if found_deps is None:
         return
+    deps, modules = found_deps
     try:
         payload, found = dumps(data)
         schemas = {**(schemas or {}), **found}
-        entry = Entry(payload, deps, schemas)
-        blob = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+        entry = Entry(payload, deps, schemas, modules)
     except Exception as e:  # noqa: BLE001 - data that does not pickle is simply not cached
         log.debug("fxfuse: trace of %s not cached: %s", key[:12], e)
         return
     _MEMORY[key] = (entry, data)
     path = _path(key)
+    try:
+        others = [e for e in _entries(key) if (e.deps, e.modules) != (deps, modules)]
+    except Exception:  # noqa: BLE001 - no file yet, or one that does not read: start afresh
+        others = []
+    blob = pickle.dumps([entry, *others][:_PER_KEY], protocol=pickle.HIGHEST_PROTOCOL)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Callable, Optional
+import types
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -37,7 +38,9 @@ CHOICES_PATH = pathlib.Path(__file__).with_name("kernel_choices.json")
 # op -> (pattern calling the op, its native implementation, example inputs).
 # The first argument is the activation whose shape picks the table entry.
 _ACT2 = activation(width=128)
-LOWERINGS: dict[str, tuple[Callable, Callable, Callable[[], list]]] = {
+# Read-only (the table is code, in the key through this module's source; a dict would
+# be state that cache_state() has to report).
+LOWERINGS: Mapping[str, tuple[Callable, Callable, Callable[[], list]]] = types.MappingProxyType({
     "rms_norm": (lambda x, w, eps: fx.rms_norm(x, w, eps), nm.rms_norm_native,
                  lambda: [activation(), weight(), 1e-6]),
     "fused_add_rms_norm": (lambda x, r, w, eps: fx.fused_add_rms_norm(x, r, w, eps), nm.fused_add_rms_norm_native,
@@ -79,7 +82,7 @@ LOWERINGS: dict[str, tuple[Callable, Callable, Callable[[], list]]] = {
     "silu_and_mul_group_fp8_quant": (
         lambda x, g, cm: fx.silu_and_mul_group_fp8_quant(x, g, cm), gq.silu_and_mul_group_fp8_quant_native,
         lambda: [activation(width=256), 64, True]),
-}
+})
 
 
 def load_choices(path: Optional[str | pathlib.Path] = None) -> dict[str, Any]:
