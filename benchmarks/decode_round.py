@@ -79,7 +79,7 @@ def _commands(args, work: pathlib.Path, small: pathlib.Path, block: pathlib.Path
                        "--write", str(block), "--budget-s", str(CAPS["block-gemm"] - 20)],
         "e2e": [py, "-m", "fxfuse", "bench", "--only", "e2e", "--e2e-profile", "--e2e-models", args.models,
                 "--e2e-quant", args.quant,
-                "--e2e-variants", args.variants, "--e2e-decode", "1x1024,32x1024", "--e2e-prefill", "1x2048",
+                "--e2e-variants", args.variants, "--e2e-decode", args.decode, "--e2e-prefill", args.prefill,
                 "--layers", str(args.layers), "--json", str(work / "e2e.json")],
     }
 
@@ -125,11 +125,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="where the files to bring back go ($OUT)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
-    p.add_argument("--layers", type=int, default=32, help="decoder layers of the e2e model (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=32,
+                   help="decoder layers of the e2e models (0: each preset's own; default: %(default)s)")
     p.add_argument("--budget-s", type=float, default=560.0, help="the whole round's seconds (default: %(default)s)")
     p.add_argument("--quant", default="fp8", help="e2e and sweep schemes: fp8, fp8-block or both (default: fp8)")
     p.add_argument("--models", default="llama3-8b", help="e2e presets (default: %(default)s)")
     p.add_argument("--variants", default="baseline,unfused,fused", help="e2e compiles (default: %(default)s)")
+    p.add_argument("--decode", default="1x1024,32x1024", help="e2e decode shapes, SEQSxCONTEXT (default: %(default)s)")
+    p.add_argument("--prefill", default="1x2048", help="e2e prefill shapes ('' for none; default: %(default)s)")
     p.add_argument("--small-gemm-choices", metavar="PATH", help="use this table instead of measuring one")
     p.add_argument("--block-gemm-choices", metavar="PATH", help="use this table instead of measuring one")
     p.add_argument("--remeasure", action="store_true",

@@ -53,7 +53,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", help="comma-separated token counts for the op, GEMM and tp benchmarks "
                                     "(default: 1,16,256,4096,32768; 1,16,256,4096,16384; 1,16,256,2048,8192)")
     p.add_argument("--layers", type=int, default=E2E_LAYERS,
-                   help="layers of each end-to-end model (default: all of Llama-3-8B's, %(default)s, for every preset)")
+                   help="layers of each end-to-end model (default: all of Llama-3-8B's, %(default)s, for every preset; "
+                        "0: each preset's own, 36 for qwen3-8b)")
     p.add_argument("--e2e-models", default=",".join(E2E_PRESETS),
                    help="comma-separated model presets of the end-to-end rows (default: %(default)s)")
     p.add_argument("--e2e-quant", default="fp8,fp8-block",

@@ -63,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
     variants = tuple(args.e2e_variants.split(","))
     presets = tuple(args.e2e_models.split(","))
     if "e2e" in sections:
-        print(f"\nend to end ({', '.join(presets)} layer shapes, {args.layers} layers; {args.e2e_quant}; "
+        layers = args.layers or "each preset's"
+        print(f"\nend to end ({', '.join(presets)} layer shapes, {layers} layers; {args.e2e_quant}; "
               "triton attention, CUDA graphs; floor = weight + KV bytes read / copy bandwidth):")
         results["e2e"] = e2e.run(layers=args.layers, quants=tuple(args.e2e_quant.split(",")), presets=presets,
                                  bandwidth=bw, variants=variants, decode=_shapes(args.e2e_decode, e2e.DECODE),
