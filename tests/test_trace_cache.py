@@ -201,3 +201,22 @@ def test_classes_one_factory_makes_are_cached_apart(tmp_path, monkeypatch):
     x = torch.randn(3, 3)
     assert a(trace_graph(lambda x: torch.relu(x).neg(), x)) == 1
     assert fxfuse.FusionPass("p", [sigmoid()])(trace_graph(lambda x: torch.relu(x).neg(), x)) == 0
+
+
+def test_patterns_that_do_not_read_are_traced_again_with_the_same_key(tmp_path, monkeypatch):
+    """An entry's patterns are read when a graph first holds an anchor op; a blob that
+    does not read then (torn, or written by another fxfuse mid-run) is a fresh trace with
+    the key the entry had, never an error in the compile."""
+    from conftest import trace_graph
+
+    monkeypatch.setenv("FXFUSE_CACHE_DIR", str(tmp_path / "fxfuse"))
+    trace_cache.clear_memory()
+    made = _factory(torch.relu)
+    cold = fxfuse.FusionPass("p", [made()])
+    trace_cache.clear_memory()
+    warm = fxfuse.FusionPass("p", [made()])
+    assert warm.traced[0].cached
+    warm.traced[0]._blob = b"not a pickle"
+    assert warm.uuid() == cold.uuid()
+    assert warm(trace_graph(lambda x: torch.relu(x).neg(), torch.randn(3, 3))) == 1
+    assert warm.uuid() == cold.uuid()

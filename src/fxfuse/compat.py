@@ -106,6 +106,32 @@ def trace_functional(fn: Callable[..., Any], args: Sequence[Any], *, v2: bool) -
 # --------------------------------------------------------------------------- auto_functionalized
 
 
+def decide_statically(expr: Any, shape_env: Any) -> bool | None:
+    """True/False where ``shape_env`` proves a size condition over its symbols from what
+    the compiled graph already assumes (each symbol's range: a dynamic size is >= 2 where
+    0 and 1 are specialized), None where it cannot; no guard is added.
+
+    >>> decide_statically(sympy.Ne(s0, 1), graph_shape_env)  # doctest: +SKIP
+    True
+    """
+    if shape_env is None:
+        return None
+    import sympy
+
+    try:
+        # Private, with the same signature from 2.9 through 2.15 (the version tests check it).
+        value = shape_env._maybe_evaluate_static(expr)
+    except Exception:  # noqa: BLE001 - an expression it cannot evaluate is undecided
+        return None
+    if value is None:
+        return None
+    if value == sympy.true:
+        return True
+    if value == sympy.false:
+        return False
+    return None
+
+
 def auto_functionalized_ops() -> dict[str, Any]:
     """The higher-order ops that wrap a mutating custom op in a functional graph."""
     from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
+from . import compat
 from .pattern import (
     SIZE_QUERIES, Const, InputDevice, Pattern, PNode, Ref, Seq, Size, Var, at_path, refs_at,
 )
@@ -60,6 +61,9 @@ class Failure:
         return self.reason
 
 
+_UNSET = object()
+
+
 class Context:
     """What matching reads from one graph, computed once: normalized calls, positions,
     mutation regions, evaluated sizes. `Context.changed` keeps it right across splices."""
@@ -74,6 +78,21 @@ class Context:
         self.outputs_memo: dict[Any, Any] = {}  # replacement program + input sizes -> output metadata
         self.guards_memo: dict[Any, bool] = {}
         self._symbols: Optional[dict[Any, torch.fx.Node]] = None
+        self._shape_env: Any = _UNSET
+
+    @property
+    def shape_env(self) -> Any:
+        """The ShapeEnv of the graph's symbolic sizes (None where every size is static)."""
+        if self._shape_env is _UNSET:
+            self._shape_env = None
+            for n in self.graph.nodes:
+                v = n.meta.get("val")
+                dims = v.shape if isinstance(v, torch.Tensor) else (v,)
+                sym = next((d for d in dims if isinstance(d, torch.SymInt)), None)
+                if sym is not None:
+                    self._shape_env = sym.node.shape_env
+                    break
+        return self._shape_env
 
     def call(self, node: torch.fx.Node) -> Call:
         c = self._calls.get(node)
@@ -370,7 +389,8 @@ def guards_hold(match: Match, ctx: Context) -> bool:
     sizes = bound_sizes(match.kwargs)
     key = (id(p), tuple(sorted((str(k), v) for k, v in sizes.items())))
     if key not in ctx.guards_memo:
-        ctx.guards_memo[key] = all(evaluate_condition(g, sizes, ctx.size_memo) is True for g in p.guards)
+        ctx.guards_memo[key] = all(evaluate_condition(g, sizes, ctx.size_memo, ctx.shape_env) is True
+                                   for g in p.guards)
     return ctx.guards_memo[key]
 
 
@@ -470,9 +490,11 @@ def evaluate_size(expr: Any, sizes: dict[Any, Any], memo: dict[Any, Any]) -> Any
     return memo[key]
 
 
-def evaluate_condition(cond: Any, sizes: dict[Any, Any], memo: dict[Any, Any]) -> Optional[bool]:
-    """True/False for a size condition of the pattern's trace at the bound sizes; None when
-    the bound sizes are symbolic and the condition cannot be decided."""
+def evaluate_condition(cond: Any, sizes: dict[Any, Any], memo: dict[Any, Any],
+                       shape_env: Any = None) -> Optional[bool]:
+    """True/False for a size condition of the pattern's trace at the bound sizes; at
+    symbolic sizes, what the graph's ``shape_env`` proves of it from the graph's own
+    assumptions; None when nothing decides it."""
     import sympy
 
     value = evaluate_size(cond, sizes, memo)
@@ -482,12 +504,10 @@ def evaluate_condition(cond: Any, sizes: dict[Any, Any], memo: dict[Any, Any]) -
         return True
     if value in (sympy.false, False):
         return False
-    try:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        return True if statically_known_true(value) else None
-    except Exception:  # noqa: BLE001 - an undecidable symbolic condition
-        return None
+    key = ("decided", value)
+    if key not in memo:
+        memo[key] = compat.decide_statically(value, shape_env)
+    return memo[key]
 
 
 def _equal_sizes(want: Any, have: Any) -> bool:

@@ -23,7 +23,7 @@ import torch.fx
 
 from . import compat
 from .cache_key import digest, framework_digest
-from .fusion_pass import FusionPass
+from .fusion_pass import FusionPass, collector_paused
 from .schema import op_name
 
 log = logging.getLogger("fxfuse")
@@ -141,17 +141,19 @@ class PassManager:
         if graph in self._seen:
             return  # torch 2.9 runs Inductor's joint-graph passes, and so this hook, twice a graph
         t0 = time.perf_counter()
-        results = [(p, p.apply(graph)) for p in self.pre_passes]
-        if self.pre_chain is not None:
-            self.pre_chain(graph)
-        self._seen[graph] = (results, observe(self.post_passes, graph))
+        with collector_paused():
+            results = [(p, p.apply(graph)) for p in self.pre_passes]
+            if self.pre_chain is not None:
+                self.pre_chain(graph)
+            self._seen[graph] = (results, observe(self.post_passes, graph))
         self.seconds["pre"] += time.perf_counter() - t0
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         """The post stage (and, where the pre stage was not installed, the pre passes first)."""
         t0 = time.perf_counter()
         try:
-            self._post(graph)
+            with collector_paused():
+                self._post(graph)
         finally:
             self.seconds["post"] += time.perf_counter() - t0
 

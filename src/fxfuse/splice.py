@@ -61,10 +61,8 @@ def prepare(program: Program, match: Match, ctx: Context, *, symbolic: bool) -> 
     kwargs = match.kwargs
     sizes = bound_sizes(kwargs)
     if symbolic:
-        if any(not isinstance(s, sympy.Integer) for s in sizes.values()):
-            raise NeedsConcrete("symbolic sizes")
         for g in program.guards:
-            if evaluate_condition(g, sizes, ctx.size_memo) is not True:
+            if evaluate_condition(g, sizes, ctx.size_memo, ctx.shape_env) is not True:
                 raise NeedsConcrete(f"the replacement's trace assumed {g}")
     device = _device(kwargs)
     values: list[Any] = []
@@ -79,9 +77,17 @@ def prepare(program: Program, match: Match, ctx: Context, *, symbolic: bool) -> 
             return t.value
         if isinstance(t, Size):
             v = evaluate_size(t.expr, sizes, ctx.size_memo)
-            if v is None or not isinstance(v, sympy.Integer):
+            if v is None:
                 raise NeedsConcrete(f"size {t.expr}")
-            return int(v)
+            if isinstance(v, sympy.Integer):
+                return int(v)
+            # A symbolic size the graph takes as an input (Dynamo passes each dynamic size
+            # in as a SymInt): `apply` reads it from there. Any other expression would need
+            # nodes computing it: the replacement is traced at these sizes instead.
+            placeholder = ctx.symbol_inputs().get(v)
+            if placeholder is None:
+                raise NeedsConcrete(f"size {t.expr} = {v}, not an input of the graph")
+            return placeholder.meta["val"]
         if isinstance(t, InputDevice):
             return device
         if isinstance(t, Seq):
@@ -113,17 +119,21 @@ def prepare(program: Program, match: Match, ctx: Context, *, symbolic: bool) -> 
     return Prepared(program, values, sizes, device)
 
 
+def _dims(sizes: Any) -> tuple[Any, ...]:
+    # A symbolic size by its expression: the memo is one graph's (`Context`), whose sizes
+    # share one ShapeEnv, where equal expressions are equal sizes.
+    return tuple(("sym", s.node.expr) if isinstance(s, torch.SymInt) else s for s in sizes)
+
+
 def _signature(program: Program, kwargs: dict[str, Any]) -> Any:
-    """What a program's outputs depend on: the program and its inputs' static metadata
-    (None where a size is symbolic: nothing is reused then)."""
+    """What a program's outputs depend on: the program and its inputs' metadata, symbolic
+    sizes by expression (valid within the graph the memo belongs to)."""
     sig: list[Any] = [id(program)]
     for name in sorted(kwargs):
         v = kwargs[name]
         val = v.meta.get("val") if isinstance(v, torch.fx.Node) else v
         if isinstance(val, torch.Tensor):
-            if any(isinstance(s, torch.SymInt) for s in (*val.shape, *val.stride())):
-                return None
-            sig.append((name, tuple(val.shape), tuple(val.stride()), val.dtype, val.device))
+            sig.append((name, _dims(val.shape), _dims(val.stride()), val.dtype, val.device))
         elif isinstance(val, (str, float)):
             # A str/float wildcard's value is no part of a replacement's structure: the
             # program was traced with a sentinel in its place (a layer name, an epsilon).
@@ -145,8 +155,14 @@ def _functional(c: Any) -> bool:
 
 
 def _spec(c: Any, value: Any) -> Any:
-    """The metadata to make ``value`` again, or None (to run the call again)."""
+    """The metadata to make ``value`` again, or None (to run the call again). Symbolic
+    sizes are kept as the SymInts themselves (the memo is one graph's); an output with a
+    data-dependent (unbacked) size is made by running the call again, each call's own."""
     if c.op != "call_function" or not _functional(c):
+        return None
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    if free_unbacked_symbols(value):
         return None
 
     def one(v: Any) -> Any:
@@ -217,7 +233,8 @@ def apply(prepared: Prepared, match: Match, ctx: Context) -> list[torch.fx.Node]
         if isinstance(t, Const):
             return t.value
         if isinstance(t, Size):
-            return int(evaluate_size(t.expr, prepared.sizes, ctx.size_memo))
+            v = evaluate_size(t.expr, prepared.sizes, ctx.size_memo)
+            return int(v) if v.is_Integer else ctx.symbol_inputs()[v]  # `prepare` checked it is one
         if isinstance(t, InputDevice):
             return prepared.device
         if isinstance(t, Seq):

@@ -187,7 +187,21 @@ class _Pickler(pickle.Pickler):
             return _op, (obj.namespace, packet.__name__.split(".")[-1], obj._overloadname)
         if isinstance(obj, torch._ops.HigherOrderOperator):
             return _hop, (obj.name(),)
+        sympy = sys.modules.get("sympy")
+        if sympy is not None and isinstance(obj, sympy.Basic) and obj.args and not isinstance(obj, sympy.Symbol):
+            return _expr, (type(obj), obj.args)
         return NotImplemented
+
+
+def _expr(cls: type, args: tuple) -> Any:
+    # Rebuilt from its canonical arguments without evaluating again: a size expression or
+    # condition stored evaluated comes back structurally equal (same class, same args),
+    # where a plain unpickle re-ran sympy's simplification of every relation (most of
+    # what reading a pattern cost).
+    try:
+        return cls(*args, evaluate=False)
+    except TypeError:
+        return cls(*args)
 
 
 def _op(namespace: str, name: str, overload: str) -> Any:

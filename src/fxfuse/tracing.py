@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
+import logging
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -311,7 +312,14 @@ class TracedRewrite:
     def variants(self) -> list[Variant]:
         """The search patterns (read from the trace cache the first time they are needed)."""
         if self._variants is None:
-            self._variants = trace_cache.loads(self._blob)
+            try:
+                self._variants = trace_cache.loads(self._blob)
+            except Exception as e:  # noqa: BLE001 - an entry another fxfuse wrote mid-run, a torn file
+                logging.getLogger("fxfuse").debug("fxfuse: the stored patterns of %s do not read (%s); traced again",
+                                                  self.name, e)
+                # The same code traces to the same keys (they are the entry's, already in uuid()).
+                self._keys, self._used = self._keys[:1], set()
+                self._variants = self._trace_variants()
         return self._variants
 
     @property
