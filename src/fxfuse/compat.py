@@ -9,6 +9,7 @@ because nightlies and vendor builds carry version strings that lie.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from collections import Counter
@@ -132,8 +133,10 @@ def decide_statically(expr: Any, shape_env: Any) -> bool | None:
     return None
 
 
+@functools.cache
 def auto_functionalized_ops() -> dict[str, Any]:
-    """The higher-order ops that wrap a mutating custom op in a functional graph."""
+    """The higher-order ops that wrap a mutating custom op in a functional graph (the
+    same objects for the process: asked at every node a pass visits)."""
     from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 
     return {"v1": auto_functionalized, "v2": auto_functionalized_v2}

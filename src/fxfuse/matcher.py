@@ -18,6 +18,7 @@ anchor. `partial` measures how much of a chain a site holds, for near misses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import torch
@@ -476,8 +477,17 @@ def bound_sizes(kwargs: dict[str, Any]) -> dict[Any, Any]:
         val = v.meta.get("val") if isinstance(v, torch.fx.Node) else None
         if isinstance(val, torch.Tensor):
             for d, s in enumerate(val.shape):
-                out[sympy.Symbol(f"{name}.{d}", integer=True)] = s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(s)
+                out[size_symbol(name, d)] = s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(s)
     return out
+
+
+@functools.cache
+def size_symbol(name: str, dim: int) -> Any:
+    """The pattern's symbol for ``name.shape[dim]`` (made once: sympy's constructor is
+    slow, and every candidate match asks)."""
+    import sympy
+
+    return sympy.Symbol(f"{name}.{dim}", integer=True)
 
 
 def evaluate_size(expr: Any, sizes: dict[Any, Any], memo: dict[Any, Any]) -> Any:

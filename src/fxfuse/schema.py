@@ -82,6 +82,7 @@ def schema_args(op: torch._ops.OpOverload) -> tuple[ArgInfo, ...]:
     return tuple(out)
 
 
+@functools.cache
 def _hops() -> tuple[Any, ...]:
     from . import compat
 
