@@ -140,5 +140,10 @@ def _rank_main(
         if rank == 0:
             with open(os.path.join(tmp, "result.pkl"), "wb") as f:
                 pickle.dump(result, f)
+        # No rank tears the group down while another still has work in flight through it:
+        # gloo aborts the process then ("terminate called without an active exception",
+        # seen on a loaded 2-core machine). A rank that raised never gets here; spawn
+        # stops the others.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
