@@ -132,3 +132,42 @@ def test_misses_survive_fx_graph_cache_hit(fresh_inductor_cache):
     torch.compile(f, options={"post_grad_custom_post_pass": mk()})(*args)
     assert len(calls) == 1, "expected an FX graph cache hit"
     assert (fxfuse.match_table(), fxfuse.miss_table()) == first
+
+
+class BrokenReplacement(MulAddRelu):
+    def replacement(self, x, y, z):
+        if x.shape[-1] != 16:  # the examples' width
+            raise RuntimeError("no kernel for this shape")
+        return super().replacement(x, y, z)
+
+
+@pytest.mark.compile
+def test_a_cache_hit_says_again_what_the_compile_said(fresh_inductor_cache, caplog):
+    """The miss log and a failed replacement's warning come again with a graph served from
+    the FX graph cache (what CI caught: a warm cache counted a miss and logged nothing)."""
+    def f(a, b, c):
+        shared = a * c
+        return (shared + b).relu() + shared.sum() + (b * c + a).relu()
+
+    args = [torch.randn(4, 8) for _ in range(3)]
+    mk = lambda: fxfuse.PassManager([fxfuse.FusionPass("said", [BrokenReplacement()])])  # noqa: E731
+
+    def compile_and_listen():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fxfuse"), pytest.warns(fxfuse.FusionWarning) as warned:
+            torch.compile(f, options={"post_grad_custom_post_pass": mk()})(*args)
+        lines = sorted(r.getMessage() for r in caplog.records if "said/" in r.getMessage())
+        return lines, [str(w.message) for w in warned if issubclass(w.category, fxfuse.FusionWarning)]
+
+    lines, warned = compile_and_listen()
+    assert len(lines) == 2 and any("missed 2 of 2 site(s)" in line for line in lines)
+    assert any("unreplaced" in line and "no kernel for this shape" in line for line in lines)
+    assert "no kernel for this shape" in warned[0]
+
+    fxfuse.reset_match_table()
+    torch._dynamo.reset()
+    again, warned_again = compile_and_listen()
+    assert [line.split(" (said again")[0] for line in again] == lines
+    assert all("served this graph from its FX graph cache" in line for line in again)
+    assert "no kernel for this shape" in warned_again[0]
+    assert fxfuse.miss_table() == {"said": {"BrokenReplacement": 2}}

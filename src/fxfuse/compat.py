@@ -236,6 +236,39 @@ def inductor_counters() -> Counter:
     return counters["inductor"]
 
 
+class _ReplayingCounter(Counter):
+    """Inductor's counter table, whose ``+=`` (only a cache hit adds a whole Counter to it:
+    fxfuse and Inductor count key by key) is also told to the replay listeners."""
+
+    listeners: tuple[Callable[[Counter], None], ...] = ()
+
+    def __iadd__(self, other: Counter) -> Counter:  # type: ignore[override]
+        result = super().__iadd__(other)
+        for listener in self.listeners:
+            listener(other)
+        return result
+
+
+def on_cache_replay(listener: Callable[[Counter], None]) -> None:
+    """Call ``listener(deltas)`` whenever Inductor serves a graph from its FX graph cache.
+
+    A hit runs no pass, so what a pass said while it compiled the graph (a near miss, a
+    failed replacement) would be said only by the process that compiled it. The one act of
+    a hit that reaches fxfuse is ``counters["inductor"] += graph.counter_deltas`` (the same
+    line in torch 2.9 to 2.15): the table is made a Counter whose ``+=`` also calls the
+    listeners. Cheap and idempotent; called at every compile (a pass's key is asked for
+    before the cache is looked up), since a test harness may clear Dynamo's counters and
+    with them this table.
+    """
+    from torch._dynamo.utils import counters
+
+    table = counters["inductor"]
+    if type(table) is not _ReplayingCounter:
+        table = counters["inductor"] = _ReplayingCounter(table)
+    if listener not in _ReplayingCounter.listeners:
+        _ReplayingCounter.listeners += (listener,)
+
+
 # --------------------------------------------------------------------------- op registration
 
 

@@ -16,7 +16,7 @@ import torch.fx
 from . import compat, diagnosis, splice
 from .cache_key import canonicalization_key, class_key, digest, framework_digest, rewrite_key, stable_repr
 from .canonicalize import DEFAULT_CANONICALIZATIONS, Canonicalization, canonicalize
-from .match_table import record, record_miss
+from .match_table import record, record_miss, remember, watch_cache_hits
 from .matcher import Context, Match, guards_hold, match_at
 from .matcher import Failure as MatchFailure
 from .rewrite import Rewrite, RewriteError
@@ -40,6 +40,10 @@ class Failure:
     rewrite: str
     node: str
     error: str
+
+    @property
+    def message(self) -> str:
+        return f"fxfuse: {self.pass_name}/{self.rewrite} left the match at {self.node} unreplaced: {self.error}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Application:
     counts: dict[str, int]
     misses: dict[str, Misses]
     outcomes: dict[str, list[Outcome]]
+    failures: list[Failure] = dataclasses.field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -212,8 +217,12 @@ class FusionPass:
             record(self.name, rewrite, n)
         for rewrite, misses in result.misses.items():
             record_miss(self.name, rewrite, len(misses.sites))
-            log.info("fxfuse: %s/%s missed %d of %d site(s); first at %s: %s", self.name, rewrite,
-                     len(misses.sites), misses.total, misses.sites[0], misses.first_reason)
+            line = (f"fxfuse: {self.name}/{rewrite} missed {len(misses.sites)} of {misses.total} site(s); "
+                    f"first at {misses.sites[0]}: {misses.first_reason}")
+            log.info(line)
+            remember(logging.INFO, line)
+        for failure in result.failures:  # warned when it happened; kept here for cache hits
+            remember(logging.WARNING, failure.message)
 
     def apply(self, graph: torch.fx.Graph | torch.fx.GraphModule, *, gone: Any = None,
               report: bool = True) -> Application:
@@ -227,9 +236,12 @@ class FusionPass:
         with collector_paused():
             canonicalize(graph, self.canonicalizations)
             run = _Run(self, graph, report)
+            failed_before = len(self.failures)
             try:
                 run.sweep()
-                return run.result(gone)
+                result = run.result(gone)
+                result.failures.extend(self.failures[failed_before:])
+                return result
             finally:
                 for traced in self._traced:
                     traced.forget_traces()
@@ -286,6 +298,7 @@ class FusionPass:
         asks at every compile, so a state change (a layer moved to another backend)
         yields a new key instead of a stale cached graph.
         """
+        watch_cache_hits()  # Inductor asks for the key before it looks the graph up
         states = [self._state(r) for r in self.rewrites]
         return digest([framework_digest(), self._class_key, self.name, self.stage, self._canon_key, *self._keys, *states])
 
@@ -293,9 +306,8 @@ class FusionPass:
         node = match.output_nodes()[0] if match.output_nodes() else None
         failure = Failure(self.name, rewrite, node.name if node is not None else "?", f"{type(error).__name__}: {error}")
         self.failures.append(failure)
-        msg = f"fxfuse: {self.name}/{rewrite} left the match at {failure.node} unreplaced: {failure.error}"
-        log.warning(msg)
-        warnings.warn(msg, FusionWarning, stacklevel=3)
+        log.warning(failure.message)
+        warnings.warn(failure.message, FusionWarning, stacklevel=3)
 
     def __deepcopy__(self, memo: dict) -> FusionPass:
         # torch.compile deep-copies its options; a pass is configuration, shared as it is.

@@ -6,14 +6,26 @@ Counts live in Inductor's own counter table under keys ``fxfuse|<pass>|<rewrite>
 each compile moved that table and, when it later serves the same graph from its FX
 graph cache without running any pass, adds the recorded amounts again. So the tables
 report what the graphs in use contain, whether this process ran the passes or a cache did.
+
+What a compile said (the miss log, a failed replacement's warning) is kept the same way,
+under ``fxfuse-said|<level>|<message>``, and said again when a cache hit replays it: a
+graph served from the cache never misses without saying so.
 """
 
 from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
 
 from . import compat
 
 _MATCH = "fxfuse|"
 _MISS = "fxfuse-miss|"
+_SAID = "fxfuse-said|"
+_AGAIN = " (said again: Inductor served this graph from its FX graph cache)"
+
+log = logging.getLogger("fxfuse")
 
 
 def record(pass_name: str, rewrite_name: str, n: int = 1) -> None:
@@ -24,6 +36,33 @@ def record(pass_name: str, rewrite_name: str, n: int = 1) -> None:
 def record_miss(pass_name: str, rewrite_name: str, n: int = 1) -> None:
     """Count ``n`` sites of ``rewrite_name`` that ``pass_name`` left unreplaced."""
     compat.inductor_counters()[f"{_MISS}{pass_name}|{rewrite_name}"] += n
+
+
+def remember(level: int, message: str) -> None:
+    """Keep ``message`` with the graph being compiled: each FX-graph-cache hit that serves
+    it logs it again at ``level`` (and warns again, from WARNING up). Say it now yourself.
+
+    Example:
+        >>> log.info(msg); remember(logging.INFO, msg)
+    """
+    compat.inductor_counters()[f"{_SAID}{level}|{message}"] += 1
+
+
+def watch_cache_hits() -> None:
+    """Make FX-graph-cache hits say again what their compiles said (`remember`)."""
+    compat.on_cache_replay(_say_again)
+
+
+def _say_again(deltas: Counter) -> None:
+    for key, n in deltas.items():
+        if not (key.startswith(_SAID) and n > 0):
+            continue
+        level, message = key[len(_SAID) :].split("|", 1)
+        log.log(int(level), "%s%s", message, _AGAIN)
+        if int(level) >= logging.WARNING:
+            from .fusion_pass import FusionWarning
+
+            warnings.warn(message + _AGAIN, FusionWarning, stacklevel=2)
 
 
 def _table(prefix: str) -> dict[str, dict[str, int]]:
@@ -66,5 +105,5 @@ def reset_match_table() -> None:
         ({}, {})
     """
     counters = compat.inductor_counters()
-    for key in [k for k in counters if k.startswith((_MATCH, _MISS))]:
+    for key in [k for k in counters if k.startswith((_MATCH, _MISS, _SAID))]:
         del counters[key]
