@@ -172,6 +172,12 @@ def _reaches_end(end: Any, size: Any) -> bool:
     return bool(_known_true(end >= size))
 
 
+def _same_args(new: tuple[Any, ...], old: tuple[Any, ...]) -> bool:
+    # By identity, plain ints by value: `==` on a tuple holding SymInts asks sympy.
+    return len(new) == len(old) and all(
+        a is b or (type(a) is int and type(b) is int and a == b) for a, b in zip(new, old))
+
+
 def normalize_slice(graph: torch.fx.Graph) -> int:
     """Write every ``slice``/``select`` one way: all arguments explicit, dims and indices
     non-negative, an ``end`` at or past a static size as `_TO_END`, a step of 1 omitted.
@@ -193,12 +199,14 @@ def normalize_slice(graph: torch.fx.Graph) -> int:
         start = 0 if start is None else start
         if isinstance(start, int) and start < 0 and size is not None:
             start = max(start + size, 0)
-        if end is None or _reaches_end(end, src.meta["val"].shape[dim]):
+        # (`_TO_END` itself first: the comparison with a symbolic size is a sympy query,
+        # and every pass of a pipeline canonicalizes the graph again.)
+        if end is None or (type(end) is int and end == _TO_END) or _reaches_end(end, src.meta["val"].shape[dim]):
             end = _TO_END
         elif isinstance(end, int) and end < 0 and size is not None:
             end = max(end + size, 0)
         args = (src, dim, start, end) if step == 1 else (src, dim, start, end, step)
-        if args != node.args or node.kwargs:
+        if not _same_args(args, node.args) or node.kwargs:
             node.args, node.kwargs = args, {}
             changed += 1
     for node in list(graph.find_nodes(op="call_function", target=aten.select.int)):
@@ -210,7 +218,7 @@ def normalize_slice(graph: torch.fx.Graph) -> int:
         size = _static_size(src, dim)
         if isinstance(index, int) and index < 0 and size is not None:
             index += size
-        if (src, dim, index) != node.args or node.kwargs:
+        if not _same_args((src, dim, index), node.args) or node.kwargs:
             node.args, node.kwargs = (src, dim, index), {}
             changed += 1
     return changed

@@ -79,6 +79,20 @@ def fake_mode() -> Any:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
+def new_fake_tensor(mode: Any, shape: Sequence[Any], stride: Sequence[Any], dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """A fresh fake tensor of ``mode`` (its own storage), made without dispatching through
+    the mode: at symbolic sizes that dispatch (argument hashing, the fake-op cache, the
+    output rebuilt from it) costs 2.5x the tensor itself, ~0.45 ms, and a pass applying
+    one replacement per layer makes hundreds. Call it outside ``mode``.
+    ``FakeTensor(mode, meta tensor, device)`` is the same constructor in torch 2.9 to 2.15.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return FakeTensor(mode, meta, device)
+
+
 def trace_functional(fn: Callable[..., Any], args: Sequence[Any], *, v2: bool) -> torch.fx.GraphModule:
     """Trace ``fn`` as Inductor's post-grad graph would hold it: functionalized.
 

@@ -336,10 +336,12 @@ class _Run:
         self.ctx = Context(graph)
         # Only rewrites whose anchor op the graph holds are looked at (their patterns are
         # read from the trace cache now, the first time a graph could hold their chain).
-        present = {_anchor_key(n) for n in graph.nodes if n.op == "call_function"}
+        # Nodes are found by op from the graph's own index (`find_nodes`), not by walking
+        # every node of the graph once per pass.
+        self._running: dict[Any, list[torch.fx.Node]] = {}
         self.by_anchor: dict[tuple[Any, Any], list[tuple[TracedRewrite, Variant]]] = {}
         for traced in owner._traced:
-            if not any((a.target, a.wrapped) in present for a in traced.anchors):
+            if not any(self.running(a.target, a.wrapped) for a in traced.anchors):
                 continue
             for v in traced.variants:
                 self.by_anchor.setdefault(v.pattern.anchor_key(), []).append((traced, v))
@@ -351,11 +353,20 @@ class _Run:
         self.new: set[torch.fx.Node] = set()
         self.erased: set[torch.fx.Node] = set()
 
+    def running(self, target: Any, wrapped: Any = None) -> list[torch.fx.Node]:
+        """The graph's nodes that call ``target`` (wrapping ``wrapped``: an auto_functionalized op)."""
+        nodes = self._running.get(target)
+        if nodes is None:
+            nodes = self._running[target] = self.graph.find_nodes(op="call_function", target=target, sort=False)
+        return nodes if wrapped is None else [n for n in nodes if n.args and n.args[0] is wrapped]
+
     def sweep(self) -> None:
         """Each node running an anchor op, in graph order: of the rewrites whose chain starts
         there, the one with the longest chain (then the first registered) whose replacement
         succeeds replaces it."""
-        sites = [n for n in self.graph.nodes if n.op == "call_function" and _anchor_key(n) in self.by_anchor]
+        found_at = {n for target in {t for t, _ in self.by_anchor} for n in self.running(target)}
+        position = self.ctx.position
+        sites = sorted((n for n in found_at if _anchor_key(n) in self.by_anchor), key=position.__getitem__)
         for node in sites:
             if node in self.erased:
                 continue

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx
@@ -75,6 +75,7 @@ class Context:
         self.position: dict[torch.fx.Node, float] = {n: float(i) for i, n in enumerate(graph.nodes)}
         self._regions: Optional[dict[torch.fx.Node, int]] = None
         self.size_memo: dict[Any, Any] = {}
+        self.dims: dict[torch.fx.Node, tuple[Any, ...]] = {}  # node -> its sizes as sympy expressions
         self.needs_sort = False  # a splice put a node before one of its inputs
         self.outputs_memo: dict[Any, Any] = {}  # replacement program + input sizes -> output metadata
         self.guards_memo: dict[Any, bool] = {}
@@ -162,13 +163,16 @@ class _State:
         self.trail: list[tuple[str, Any]] = []
         self.best: Optional[Failure] = None
         self.region: Optional[int] = None
+        self._sizes: Optional[dict[Any, Any]] = None
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def fail(self, reason: str, structural: bool = True) -> None:
+    def fail(self, reason: str | Callable[[], str], structural: bool = True) -> None:
+        """Keep ``reason`` if this failure is the deepest so far. A callable is called only
+        then: most candidates fail at their first node, and naming ops costs more than matching."""
         depth = len(self.used)
         if self.best is None or depth > self.best.depth:
-            self.best = Failure(reason, depth, structural)
+            self.best = Failure(reason() if callable(reason) else reason, depth, structural)
 
     def mark(self) -> int:
         return len(self.trail)
@@ -183,6 +187,7 @@ class _State:
             elif kind == "bind":
                 del self.bound[key]
                 del self.bound_by[key]
+                self._sizes = None
             else:
                 self.deferred.pop()
 
@@ -194,7 +199,7 @@ class _State:
         if g.op != "call_function" or g.target is not pn.target or (
             pn.wrapped is not None and (not g.args or g.args[0] is not pn.wrapped)
         ):
-            self.fail(f"{g.name} runs {node_op_name(g)}, the pattern has {pn.op} there")
+            self.fail(lambda: f"{g.name} runs {node_op_name(g)}, the pattern has {pn.op} there")
             return False
         if g in self.used:
             self.fail(f"{g.name} would stand for two nodes of the pattern ({self.p.nodes[self.used[g]].name} and {pn.name})")
@@ -207,7 +212,7 @@ class _State:
             return False
         call = self.ctx.call(g)
         if call.names != pn.names:
-            self.fail(f"{g.name}'s call has arguments {list(call.names)}, the pattern's {pn.op} has {list(pn.names)}")
+            self.fail(lambda: f"{g.name}'s call has arguments {list(call.names)}, the pattern's {pn.op} has {list(pn.names)}")
             return False
         mark = self.mark()
         self.mapped[i] = g
@@ -261,6 +266,7 @@ class _State:
         if name not in self.bound:
             self.bound[name] = v
             self.bound_by[name] = where
+            self._sizes = None
             self.trail.append(("bind", name))
             return None
         w = self.bound[name]
@@ -299,7 +305,7 @@ class _State:
             candidates = [u for u in src.users if u.target is pn.target and u not in self.used and self._runs(u, pn)
                           and at_path(self.ctx.call(u).values[step.arg], step.path) is src]
             if not candidates:
-                self.fail(f"the value of {value_name(src)} does not reach {pn.op} (it flows to: {flows_to(src)})")
+                self.fail(lambda: f"the value of {value_name(src)} does not reach {pn.op} (it flows to: {flows_to(src)})")
                 return None
         for g in candidates:
             mark = self.mark()
@@ -327,7 +333,7 @@ class _State:
             if not pn.output:
                 for u in g.users:
                     if u not in self.used and u.target not in SIZE_QUERIES:
-                        self.fail(f"{g.name} ({node_op_name(g)}) is also used by {u.name} ({node_op_name(u)}), "
+                        self.fail(lambda: f"{g.name} ({node_op_name(g)}) is also used by {u.name} ({node_op_name(u)}), "
                                   "outside the chain", structural=False)
                         return None
         for t, v, where in self.deferred:
@@ -346,7 +352,10 @@ class _State:
     # -- conditions on the whole ----------------------------------------------------
 
     def sizes(self) -> dict[Any, Any]:
-        return bound_sizes(self.bound)
+        # Asked by each deferred size check of a candidate; forgotten when a binding changes.
+        if self._sizes is None:
+            self._sizes = bound_sizes(self.bound, self.ctx.dims)
+        return self._sizes
 
     def check_deferred(self, t: Any, v: Any, where: str) -> Optional[str]:
         if isinstance(t, InputDevice):
@@ -387,8 +396,8 @@ def guards_hold(match: Match, ctx: Context) -> bool:
     p = match.pattern
     if not p.guards or p.static_sizes:
         return True
-    sizes = bound_sizes(match.kwargs)
-    key = (id(p), tuple(sorted((str(k), v) for k, v in sizes.items())))
+    sizes = bound_sizes(match.kwargs, ctx.dims)
+    key = (id(p), frozenset(sizes.items()))
     if key not in ctx.guards_memo:
         ctx.guards_memo[key] = all(evaluate_condition(g, sizes, ctx.size_memo, ctx.shape_env) is True
                                    for g in p.guards)
@@ -467,18 +476,36 @@ def _bind_all(pn: PNode, g: torch.fx.Node, ctx: Context, bound: dict[str, Any]) 
 # --------------------------------------------------------------------------- sizes
 
 
-def bound_sizes(kwargs: dict[str, Any]) -> dict[Any, Any]:
+def bound_sizes(kwargs: dict[str, Any], memo: Optional[dict[Any, Any]] = None) -> dict[Any, Any]:
     """Each size symbol ``arg.dim`` of a pattern -> the bound tensor's size there (a sympy
-    integer, or the graph's own symbolic expression)."""
-    import sympy
-
+    integer, or the graph's own symbolic expression). ``memo`` (a `Context`'s) keeps each
+    node's sizes: every candidate match asks again for the same nodes."""
     out = {}
     for name, v in kwargs.items():
-        val = v.meta.get("val") if isinstance(v, torch.fx.Node) else None
-        if isinstance(val, torch.Tensor):
-            for d, s in enumerate(val.shape):
-                out[size_symbol(name, d)] = s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(s)
+        if not isinstance(v, torch.fx.Node):
+            continue
+        dims = memo.get(v) if memo is not None else None
+        if dims is None:
+            dims = _node_dims(v)
+            if memo is not None:
+                memo[v] = dims
+        for d, s in enumerate(dims):
+            out[size_symbol(name, d)] = s
     return out
+
+
+def _node_dims(node: torch.fx.Node) -> tuple[Any, ...]:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return ()
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else _integer(s) for s in val.shape)
+
+
+@functools.cache
+def _integer(n: int) -> Any:
+    import sympy
+
+    return sympy.Integer(n)
 
 
 @functools.cache

@@ -59,7 +59,7 @@ def prepare(program: Program, match: Match, ctx: Context, *, symbolic: bool) -> 
     import sympy
 
     kwargs = match.kwargs
-    sizes = bound_sizes(kwargs)
+    sizes = bound_sizes(kwargs, ctx.dims)
     if symbolic:
         for g in program.guards:
             if evaluate_condition(g, sizes, ctx.size_memo, ctx.shape_env) is not True:
@@ -97,25 +97,27 @@ def prepare(program: Program, match: Match, ctx: Context, *, symbolic: bool) -> 
     mode = _fake_mode(kwargs)
     key = _signature(program, kwargs)
     known = ctx.outputs_memo.get(key) if key is not None else None
-    with mode if mode is not None else _nullcontext():
-        for i, c in enumerate(program.calls):
-            if c.op == "get_attr":
-                values.append(mode.from_tensor(c.target) if mode is not None else c.target)
-                continue
-            if known is not None and known[i] is not None:
-                # The same call on inputs of the same sizes (another layer): its outputs'
-                # metadata is known, only the fake tensors are new.
-                values.append(_fresh(known[i]))
-                continue
-            args = [value(a) for a in c.args]
-            kw = {k: value(v) for k, v in c.kwargs}
+    for i, c in enumerate(program.calls):
+        if c.op == "get_attr":
+            values.append(mode.from_tensor(c.target) if mode is not None else c.target)
+            continue
+        if known is not None and known[i] is not None:
+            # The same call on inputs of the same sizes (another layer): its outputs'
+            # metadata is known, only the fake tensors are new.
+            values.append(_fresh(known[i], mode))
+            continue
+        args = [value(a) for a in c.args]
+        kw = {k: value(v) for k, v in c.kwargs}
+        with mode if mode is not None else _nullcontext():
             values.append(c.target(*args, **kw))
     if key is not None and known is None:
         ctx.outputs_memo[key] = [_spec(c, v) for c, v in zip(program.calls, values)]
-    got = [_meta(value(o)) for o in program.outputs]
-    want = [_meta(n.meta.get("val")) for n in match.outputs]
-    if got != want:
-        raise ValueError(f"replacement outputs {_fmt(got)} differ from the matched outputs {_fmt(want)}")
+    got = [value(o) for o in program.outputs]
+    want = [n.meta.get("val") for n in match.outputs]
+    # Compared by size expressions (printing them, as the message does, costs more than the rest).
+    if [_shape_key(v) for v in got] != [_shape_key(v) for v in want]:
+        raise ValueError(f"replacement outputs {_fmt([_meta(v) for v in got])} differ from the matched outputs "
+                         f"{_fmt([_meta(v) for v in want])}")
     return Prepared(program, values, sizes, device)
 
 
@@ -176,13 +178,17 @@ def _spec(c: Any, value: Any) -> Any:
     return one(value)
 
 
-def _fresh(spec: Any) -> Any:
+def _fresh(spec: Any, mode: Any) -> Any:
     kind = spec[0]
     if kind == "tensor":
         _, shape, stride, dtype, device = spec
-        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        if mode is None:
+            return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        from . import compat
+
+        return compat.new_fake_tensor(mode, shape, stride, dtype, device)
     if kind == "seq":
-        return spec[1](_fresh(p) for p in spec[2])
+        return spec[1](_fresh(p, mode) for p in spec[2])
     return spec[1]
 
 
@@ -192,6 +198,10 @@ class _nullcontext:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+def _shape_key(v: Any) -> Any:
+    return (_dims(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
 
 
 def _meta(v: Any) -> Any:
