@@ -75,6 +75,15 @@ _TO_END = sys.maxsize  # the `end` Python's `x[a:]` traces to
 _SPLITS = (aten.split.Tensor, aten.split.sizes, aten.split.default, aten.split_with_sizes.default)
 
 
+_SLICE_ARGS = (("dim", 0), ("start", None), ("end", None), ("step", 1))
+
+
+def _args(node: torch.fx.Node, names: tuple[tuple[str, Any], ...]) -> list[Any]:
+    """``node``'s arguments after the first, by schema position then keyword, else default."""
+    args, kwargs = node.args, node.kwargs
+    return [args[i + 1] if len(args) > i + 1 else kwargs.get(name, default) for i, (name, default) in enumerate(names)]
+
+
 def _arg(node: torch.fx.Node, i: int, name: str, default: Any) -> Any:
     if len(node.args) > i:
         return node.args[i]
@@ -193,8 +202,8 @@ def normalize_slice(graph: torch.fx.Graph) -> int:
         rank = _rank(src)
         if not rank:
             continue
-        dim = _arg(node, 1, "dim", 0) % rank
-        start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+        dim, start, end, step = _args(node, _SLICE_ARGS)
+        dim %= rank
         size = _static_size(src, dim)
         start = 0 if start is None else start
         if isinstance(start, int) and start < 0 and size is not None:

@@ -23,7 +23,7 @@ import torch.fx
 
 from . import compat
 from .cache_key import digest, framework_digest
-from .fusion_pass import FusionPass, collector_paused
+from .fusion_pass import FusionPass, collector_paused, on_fresh_stack
 from .schema import op_name
 
 log = logging.getLogger("fxfuse")
@@ -141,11 +141,13 @@ class PassManager:
         if graph in self._seen:
             return  # torch 2.9 runs Inductor's joint-graph passes, and so this hook, twice a graph
         t0 = time.perf_counter()
+        # fxfuse's own work on a fresh stack; a chained pass on the caller's thread, which
+        # holds Inductor's thread-local state (`V.fake_mode`, the tracing context) it may read.
         with collector_paused():
-            results = [(p, p.apply(graph)) for p in self.pre_passes]
+            results = on_fresh_stack(lambda: [(p, p.apply(graph)) for p in self.pre_passes])
             if self.pre_chain is not None:
                 self.pre_chain(graph)
-            self._seen[graph] = (results, observe(self.post_passes, graph))
+            self._seen[graph] = (results, on_fresh_stack(observe, self.post_passes, graph))
         self.seconds["pre"] += time.perf_counter() - t0
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -153,7 +155,15 @@ class PassManager:
         t0 = time.perf_counter()
         try:
             with collector_paused():
-                self._post(graph)
+                on_fresh_stack(self._post, graph)
+                if self.chain is not None:
+                    self.chain(graph)  # on the caller's thread, as in `run_pre`
+                if self.cleanup:
+                    # Sort before dead-code elimination: some releases lint inside it, and a
+                    # replacement may have been spliced in ahead of a constant it reads.
+                    compat.stable_topological_sort(graph)
+                    graph.eliminate_dead_code()
+                    graph.lint()
         finally:
             self.seconds["post"] += time.perf_counter() - t0
 
@@ -172,14 +182,6 @@ class PassManager:
         gone = vanished(seen, graph) if seen is not None else {}
         for p in self.post_passes:
             p(graph, gone=gone.get(p.name))
-        if self.chain is not None:
-            self.chain(graph)
-        if self.cleanup:
-            # Sort before dead-code elimination: some releases lint inside it, and a
-            # replacement may have been spliced in ahead of a constant it reads.
-            compat.stable_topological_sort(graph)
-            graph.eliminate_dead_code()
-            graph.lint()
 
     def uuid(self) -> str | None:
         """The passes' keys in order (each with its stage), the cleanup flag, and the chained passes' keys.
