@@ -1,6 +1,7 @@
 """Passes run on a thread of their own (`fusion_pass.on_fresh_stack`): off the caller's deep
 interpreter stack, with the caller's context variables (Inductor's config overrides) and grad
-mode, raising in the caller; chained passes stay on the caller's thread; inline on request."""
+mode, raising in the caller; chained passes stay on the caller's thread; inline on request.
+And what the faster splice compares sizes by."""
 
 import threading
 
@@ -74,3 +75,19 @@ def test_nested_calls_and_the_opt_out_run_inline(monkeypatch):
     seen = {}
     _manager(seen)(_graph())
     assert seen["thread"] is threading.current_thread()
+
+
+def test_a_symbolic_size_that_is_a_number_compares_as_that_number():
+    """Replacement outputs are checked against the matched ones by size expressions
+    (`splice._dims`): a SymInt whose expression folded to 4 is the static size 4."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fxfuse.splice import _dims
+
+    env = ShapeEnv()
+    s = env.create_symintnode(env.create_symbol(4, ConstantSource("a")), hint=4)
+    folded = s - s + 4
+    assert isinstance(folded, torch.SymInt)
+    assert _dims((folded, 5)) == _dims((4, 5)) == (4, 5)
+    assert _dims((s,)) == (("sym", s.node.expr),)

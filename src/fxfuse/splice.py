@@ -123,8 +123,16 @@ def prepare(program: Program, match: Match, ctx: Context, *, symbolic: bool) -> 
 
 def _dims(sizes: Any) -> tuple[Any, ...]:
     # A symbolic size by its expression: the memo is one graph's (`Context`), whose sizes
-    # share one ShapeEnv, where equal expressions are equal sizes.
-    return tuple(("sym", s.node.expr) if isinstance(s, torch.SymInt) else s for s in sizes)
+    # share one ShapeEnv, where equal expressions are equal sizes. A SymInt whose expression
+    # is a number is that number (it must compare equal to a static size of the same value).
+    return tuple(_dim(s) for s in sizes)
+
+
+def _dim(s: Any) -> Any:
+    if not isinstance(s, torch.SymInt):
+        return s
+    expr = s.node.expr
+    return int(expr) if expr.is_Integer else ("sym", expr)
 
 
 def _signature(program: Program, kwargs: dict[str, Any]) -> Any:
